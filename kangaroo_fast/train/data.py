@@ -1,0 +1,109 @@
+"""Offline training data for the adapter: the base model's own greedy answers to instructions the project
+writes, plus local documentation text, and the teacher features the adapter learns from.
+
+Features per sequence: the hidden states after ``exit_layer`` layers (the adapter's input) and the full model's
+next-token distribution, kept as its top-k (ids and probabilities) to save memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+def chat_ids(tokenizer, instruction: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(instruction)["input_ids"])
+
+
+@torch.no_grad()
+def generate_answers(hf_model, tokenizer, instructions: list[str], max_new_tokens: int, batch_size: int,
+                     eos_ids: set[int], progress: bool = True) -> list[list[int]]:
+    """Prompt + greedy answer token ids for every instruction (batched, left-padded HF generate)."""
+    prompts = [chat_ids(tokenizer, text) for text in instructions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids or {0})
+    out: list[list[int] | None] = [None] * len(prompts)
+    device = next(hf_model.parameters()).device
+    for start in tqdm(range(0, len(order), batch_size), desc="answers", disable=not progress):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.int64)
+        mask = torch.zeros((len(idx), width), dtype=torch.int64)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        gen = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos_ids))
+        for row, i in enumerate(idx):
+            answer = gen[row, width:].tolist()
+            for j, token in enumerate(answer):
+                if token in eos_ids:
+                    answer = answer[:j + 1]
+                    break
+            out[i] = prompts[i] + answer
+    return out  # type: ignore[return-value]
+
+
+def document_chunks(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
+    """Tokenise documentation text and cut it into chunks of ``chunk_tokens`` ids."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text + "\n\n")["input_ids"])
+    return [ids[i:i + chunk_tokens] for i in range(0, len(ids) - 16, chunk_tokens)]
+
+
+@dataclass
+class Features:
+    """Per sequence: hidden [T, H] per exit layer, teacher top-k ids [T, k] and probabilities [T, k]."""
+    hidden: dict[int, list[torch.Tensor]]
+    top_ids: list[torch.Tensor]
+    top_probs: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.top_ids)
+
+    def subset(self, indices: list[int]) -> "Features":
+        return Features({l: [h[i] for i in indices] for l, h in self.hidden.items()},
+                        [self.top_ids[i] for i in indices], [self.top_probs[i] for i in indices])
+
+
+@torch.no_grad()
+def teacher_features(hf_model, sequences: list[list[int]], exit_layers: list[int], top_k: int, batch_size: int,
+                     progress: bool = True) -> Features:
+    """Run the full model over each sequence once (right-padded batches, so padding never reaches real
+    positions) and keep what distillation needs."""
+    device = next(hf_model.parameters()).device
+    hidden: dict[int, list] = {l: [None] * len(sequences) for l in exit_layers}
+    top_ids: list = [None] * len(sequences)
+    top_probs: list = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc="teacher", disable=not progress):
+        idx = order[start:start + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.int64)
+        for row, i in enumerate(idx):
+            ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+        out = hf_model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        probs, top = out.logits.float().softmax(-1).topk(top_k, dim=-1)
+        for row, i in enumerate(idx):
+            n = len(sequences[i])
+            for l in exit_layers:
+                hidden[l][i] = out.hidden_states[l][row, :n].to(torch.bfloat16).cpu()
+            top_ids[i] = top[row, :n].to(torch.int32).cpu()
+            top_probs[i] = probs[row, :n].to(torch.float16).cpu()
+    return Features(hidden, top_ids, top_probs)
+
+
+def frequent_tokens(features: Features, size: int, vocab_size: int, always: set[int]) -> torch.Tensor:
+    """The ``size`` most frequent teacher top-1 tokens (ties by id), plus ``always`` (e.g. EOS), sorted."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for ids in features.top_ids:
+        counts += torch.bincount(ids[:, 0].long(), minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))
+    chosen = set(order[:size]) | set(always)
+    return torch.tensor(sorted(chosen), dtype=torch.int64)

@@ -1,0 +1,239 @@
+"""Distil a Kangaroo adapter: it reads the layer-``exit_layer`` hidden states and learns the full model's
+next-token distribution with soft cross-entropy; the LM head stays frozen (paper, section 3).
+
+With a draft vocabulary, the loss is taken over those tokens only (the teacher's distribution renormalised over
+them), since the draft head scores nothing else. Multi-process training runs through torch.distributed (DDP);
+launch it with ``torchrun``: each rank takes every world-size-th sequence, rank 0 logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..adapter import Adapter, AdapterConfig
+from ..config import ModelConfig
+from .data import Features
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the shipped adapter; stored as JSON beside it."""
+    exit_layer: int = 2
+    candidate_exit_layers: list[int] = field(default_factory=lambda: [2])
+    n_instructions: int = 800
+    instruction_seed: int = 0
+    max_new_tokens: int = 160
+    doc_chars: int = 150_000
+    doc_chunk_tokens: int = 256
+    draft_vocab_size: int = 8192
+    top_k: int = 32
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    threshold: float = 0.6
+    max_draft_steps: int = 6
+    gen_batch_size: int = 32
+    teacher_batch_size: int = 8
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"recipe {str(path)!r} has unknown keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def init_adapter(model_config: ModelConfig, final_norm: torch.Tensor, draft_vocab: torch.Tensor | None,
+                 exit_layer: int, seed: int) -> Adapter:
+    """Small random q/k/v, zero o_proj (the adapter starts as the identity), final norm = the model's."""
+    torch.manual_seed(seed)
+    adapter = Adapter(AdapterConfig.for_model(model_config, exit_layer=exit_layer), draft_vocab)
+    with torch.no_grad():
+        for proj in (adapter.q_proj, adapter.k_proj, adapter.v_proj):
+            proj.weight.normal_(0.0, 0.02)
+        adapter.o_proj.weight.zero_()
+        adapter.norm.copy_(final_norm.float())
+    return adapter
+
+
+def _targets(top_ids: torch.Tensor, top_probs: torch.Tensor, lookup: torch.Tensor, width: int) -> torch.Tensor:
+    """Teacher top-k [T, k] -> dense distribution over the draft vocabulary [T, width], renormalised."""
+    index = lookup[top_ids.long()]
+    probs = top_probs.float() * (index >= 0)
+    dense = torch.zeros(top_ids.shape[0], width)
+    dense.scatter_add_(1, index.clamp(min=0), probs)
+    return dense / dense.sum(-1, keepdim=True).clamp(min=1e-6)
+
+
+def _batch(features: Features, exit_layer: int, indices: list[int], lookup: torch.Tensor, width: int):
+    seqs = [features.hidden[exit_layer][i] for i in indices]
+    t = max(s.shape[0] for s in seqs)
+    hidden = torch.zeros(len(seqs), t, seqs[0].shape[1])
+    target = torch.zeros(len(seqs), t, width)
+    mask = torch.zeros(len(seqs), t)
+    for row, i in enumerate(indices):
+        n = seqs[row].shape[0]
+        hidden[row, :n] = seqs[row].float()
+        target[row, :n] = _targets(features.top_ids[i], features.top_probs[i], lookup, width)
+        mask[row, :n] = 1.0
+    return hidden, target, mask
+
+
+def _loss(adapter, hidden, target, mask, head, cos, sin):
+    t = hidden.shape[1]
+    logits = F.linear(adapter(hidden, cos[:t], sin[:t]), head)
+    per_token = -(target * logits.log_softmax(-1)).sum(-1)
+    agree = (logits.argmax(-1) == target.argmax(-1)).float()
+    return (per_token * mask).sum() / mask.sum(), (agree * mask).sum() / mask.sum()
+
+
+def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], heldout_idx: list[int],
+                  lm_head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe,
+                  checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
+                  log: list | None = None) -> Adapter:
+    """Soft cross-entropy distillation; returns the trained adapter (the module, unwrapped from DDP)."""
+    exit_layer = adapter.config.exit_layer
+    vocab = adapter.draft_vocab
+    head = (lm_head if vocab is None else lm_head[vocab]).float()
+    width = head.shape[0]
+    lookup = torch.full((lm_head.shape[0],), -1, dtype=torch.int64)
+    lookup[vocab if vocab is not None else torch.arange(width)] = torch.arange(width)
+    cos, sin = cos.float(), sin.float()
+    model = adapter
+    world, rank = 1, 0
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        model = torch.nn.parallel.DistributedDataParallel(adapter)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_idx) / (recipe.batch_size * world))
+    total = steps_per_epoch * recipe.epochs
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    start_epoch = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        adapter.load_state_dict(state["adapter"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+    for epoch in range(start_epoch, recipe.epochs):
+        order = list(train_idx)
+        random.Random(recipe.seed + epoch).shuffle(order)
+        mine = order[rank::world]
+        model.train()
+        bar = tqdm(range(0, len(mine), recipe.batch_size), desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   disable=not (progress and _is_main()))
+        running = 0.0
+        for n, start in enumerate(bar):
+            hidden, target, mask = _batch(features, exit_layer, mine[start:start + recipe.batch_size], lookup, width)
+            loss, agree = _loss(model, hidden, target, mask, head, cos, sin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            running = loss.item() if n == 0 else 0.9 * running + 0.1 * loss.item()
+            bar.set_postfix(loss=f"{running:.3f}", top1=f"{agree.item():.3f}")
+        heldout = evaluate_loss(adapter, features, heldout_idx, head, lookup, cos, sin, recipe.batch_size)
+        if _is_main():
+            entry = {"epoch": epoch + 1, "train_loss": running, **heldout}
+            if log is not None:
+                log.append(entry)
+            tqdm.write(json.dumps(entry))
+            if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                tmp = checkpoint.with_suffix(".tmp")
+                torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1}, tmp)
+                tmp.replace(checkpoint)
+    return adapter
+
+
+@torch.no_grad()
+def evaluate_loss(adapter, features, indices, head, lookup, cos, sin, batch_size) -> dict:
+    """Held-out soft cross-entropy and top-1 agreement with the teacher (over the draft vocabulary)."""
+    if not indices:
+        return {}
+    adapter.eval()
+    total_loss = total_agree = total_tokens = 0.0
+    for start in range(0, len(indices), batch_size):
+        hidden, target, mask = _batch(features, adapter.config.exit_layer, indices[start:start + batch_size],
+                                      lookup, head.shape[0])
+        loss, agree = _loss(adapter, hidden, target, mask, head, cos, sin)
+        tokens = mask.sum().item()
+        total_loss += loss.item() * tokens
+        total_agree += agree.item() * tokens
+        total_tokens += tokens
+    adapter.train()
+    return {"heldout_loss": total_loss / total_tokens, "heldout_top1": total_agree / total_tokens}
+
+
+@torch.no_grad()
+def draft_predictions(adapter: Adapter, features: Features, indices: list[int], lm_head: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence: (draft correct? [T] bool, draft confidence [T]) at every position, teacher-forced."""
+    adapter.eval()
+    head = adapter.head_weight(lm_head).float()
+    out = []
+    for i in indices:
+        hidden = features.hidden[adapter.config.exit_layer][i].float()[None]
+        t = hidden.shape[1]
+        probs = F.linear(adapter(hidden, cos[:t].float(), sin[:t].float()), head)[0].softmax(-1)
+        conf, index = probs.max(-1)
+        token = index if adapter.draft_vocab is None else adapter.draft_vocab[index]
+        out.append((token == features.top_ids[i][:, 0].long(), conf))
+    return out
+
+
+def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_steps: int) -> dict:
+    """Replay the engine's draft/accept rule along each answer (teacher-forced drafts are exactly the drafts
+    the engine makes while they are correct). Returns mean tokens per round and drafts per round."""
+    rounds = tokens = drafts_total = 0
+    for (correct, conf), start in zip(predictions, starts):
+        end = correct.shape[0]
+        p = start  # the prefill emitted the answer's first token; each round's "last" token sits at p
+        while p < end - 1:
+            drafts = accepted = 0
+            ok = True
+            while drafts < max_draft_steps and p + drafts < end - 1:
+                drafts += 1
+                if ok and bool(correct[p + drafts - 1]):
+                    accepted += 1
+                else:
+                    ok = False
+                if float(conf[p + drafts - 1]) < threshold:
+                    break
+            emitted = min(accepted + 1, end - 1 - p)
+            rounds += 1
+            tokens += emitted
+            drafts_total += drafts
+            p += emitted
+    return {"threshold": threshold, "max_draft_steps": max_draft_steps,
+            "mean_accepted": tokens / max(rounds, 1), "drafts_per_round": drafts_total / max(rounds, 1)}

@@ -1,0 +1,103 @@
+"""Run a training recipe end to end: data -> teacher features -> distillation -> simulated acceptance -> save.
+
+Every stage's product is cached in a work directory, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..models import cache_dir, load_hf, pack_model, resolve_dtype
+from .data import chat_ids, document_chunks, frequent_tokens, generate_answers, teacher_features
+from .distill import Recipe, _is_main, draft_predictions, init_adapter, simulate_rounds, train_adapter
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DRAFT_STEPS = (4, 6, 8)
+
+
+def build_corpus(hf_model, tokenizer, recipe: Recipe, work_dir: Path, progress: bool) -> dict:
+    """{'sequences': [[ids]], 'starts': [answer start or -1 for documentation chunks]} (cached)."""
+    from .instructions import local_documentation_texts, training_instructions
+
+    path = work_dir / "corpus.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    eos = {int(hf_model.config.eos_token_id)} if isinstance(hf_model.config.eos_token_id, int) \
+        else set(hf_model.config.eos_token_id)
+    instructions = training_instructions(recipe.n_instructions, seed=recipe.instruction_seed)
+    answers = generate_answers(hf_model, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
+                               eos, progress)
+    starts = [len(chat_ids(tokenizer, text)) for text in instructions]
+    docs = document_chunks(tokenizer, local_documentation_texts(recipe.doc_chars, seed=recipe.seed),
+                           recipe.doc_chunk_tokens) if recipe.doc_chars else []
+    corpus = {"sequences": answers + docs, "starts": starts + [-1] * len(docs)}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(corpus))
+    return corpus
+
+
+def split(corpus: dict, recipe: Recipe) -> tuple[list[int], list[int]]:
+    """Held-out answers (for agreement and simulated acceptance); everything else trains."""
+    answers = [i for i, s in enumerate(corpus["starts"]) if s >= 0]
+    rng = random.Random(recipe.seed)
+    heldout = sorted(rng.sample(answers, max(1, int(len(answers) * recipe.heldout_fraction))))
+    held = set(heldout)
+    return [i for i in range(len(corpus["sequences"])) if i not in held], heldout
+
+
+def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path | None = None,
+               resume: bool = True, progress: bool = True) -> dict:
+    """Train the adapter(s) the recipe names; save the one for ``recipe.exit_layer`` to ``output``.
+
+    Returns the report: per candidate exit layer, the training log and the simulated acceptance grid.
+    """
+    dtype = resolve_dtype(recipe.dtype)
+    hf_model, tokenizer = load_hf(model, dtype=dtype, device="cpu")
+    if tokenizer is None:
+        raise ValueError("training needs the model's tokenizer")
+    work_dir = Path(work_dir or cache_dir() / "train" / "default")
+    corpus = build_corpus(hf_model, tokenizer, recipe, work_dir, progress)
+    layers = sorted(set(recipe.candidate_exit_layers) | {recipe.exit_layer})
+    features = teacher_features(hf_model, corpus["sequences"], layers, recipe.top_k, recipe.teacher_batch_size,
+                                progress)
+    packed = pack_model(hf_model)
+    train_idx, heldout_idx = split(corpus, recipe)
+    eos = hf_model.config.eos_token_id
+    always = {eos} if isinstance(eos, int) else set(eos or [])
+    vocab = None
+    if recipe.draft_vocab_size:
+        vocab = frequent_tokens(features.subset(train_idx), recipe.draft_vocab_size, packed.config.vocab_size,
+                                always)
+    lm_head = packed.lm_head.float()
+    starts = [corpus["starts"][i] for i in heldout_idx]
+    report = {"recipe": asdict(recipe), "sequences": len(corpus["sequences"]),
+              "train_tokens": sum(len(corpus["sequences"][i]) for i in train_idx),
+              "heldout_answers": len(heldout_idx), "draft_vocab_size": None if vocab is None else int(vocab.numel()),
+              "layers": {}}
+    chosen = None
+    for layer in layers:
+        log: list = []
+        adapter = init_adapter(packed.config, packed.final_norm, vocab, layer, recipe.seed)
+        adapter = train_adapter(adapter, features, train_idx, heldout_idx, lm_head, packed.rope_cos,
+                                packed.rope_sin, recipe, checkpoint=work_dir / f"checkpoint-l{layer}.pt",
+                                resume=resume, progress=progress, log=log)
+        predictions = draft_predictions(adapter, features, heldout_idx, lm_head, packed.rope_cos, packed.rope_sin)
+        grid = [simulate_rounds(predictions, starts, t, g) for t in THRESHOLDS for g in DRAFT_STEPS]
+        report["layers"][layer] = {"log": log, "simulated": grid}
+        if layer == recipe.exit_layer:
+            chosen = adapter
+    if output is not None and _is_main():
+        cfg = chosen.config
+        cfg.threshold, cfg.max_draft_steps = recipe.threshold, recipe.max_draft_steps
+        output = Path(output)
+        chosen.save(output)
+        recipe.save(output / "recipe.json")
+        (output / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return report

@@ -70,10 +70,6 @@ class TorchBackend:
         end = start + t
         k = k_cache[:, :, :end]
         v = v_cache[:, :, :end]
-        groups = hq // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         mask = None
         causal = False
         if sliding_window is not None and end > sliding_window:
@@ -85,7 +81,15 @@ class TorchBackend:
         elif t > 1:
             q_pos = torch.arange(start, end, device=q.device)[:, None]
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=d ** -0.5)
+        groups = hq // k.shape[1]
+        gqa = {}
+        if groups > 1 and mask is None:
+            gqa = {"enable_gqa": True}  # as HF: grouped K/V read in place when no mask is given
+        elif groups > 1:
+            k = _repeat_kv(k, groups)
+            v = _repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=d ** -0.5,
+                                             **gqa)
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
     # ---- heads -------------------------------------------------------------------------------------------------
@@ -117,3 +121,9 @@ class TorchBackend:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D], each K/V head repeated for its query group."""
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)

@@ -111,8 +111,12 @@ def _loss(adapter, hidden, target, mask, head, cos, sin):
 def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], heldout_idx: list[int],
                   lm_head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe,
                   checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-                  log: list | None = None) -> Adapter:
-    """Soft cross-entropy distillation; returns the trained adapter (the module, unwrapped from DDP)."""
+                  log: list | None = None, stop_after: int | None = None) -> Adapter:
+    """Soft cross-entropy distillation; returns the trained adapter (the module, unwrapped from DDP).
+
+    ``checkpoint`` is written after every epoch; with ``resume`` training continues from it. ``stop_after`` ends
+    this run after that many epochs in all (a time-boxed run), leaving the rest to a resumed one.
+    """
     exit_layer = adapter.config.exit_layer
     vocab = adapter.draft_vocab
     head = (lm_head if vocab is None else lm_head[vocab]).float()
@@ -143,7 +147,8 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"]
-    for epoch in range(start_epoch, recipe.epochs):
+    last_epoch = recipe.epochs if stop_after is None else min(stop_after, recipe.epochs)
+    for epoch in range(start_epoch, last_epoch):
         order = list(train_idx)
         random.Random(recipe.seed + epoch).shuffle(order)
         mine = order[rank::world]

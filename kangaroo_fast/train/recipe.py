@@ -89,6 +89,8 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
         predictions = draft_predictions(adapter, features, heldout_idx, lm_head, packed.rope_cos, packed.rope_sin)
         grid = [simulate_rounds(predictions, starts, t, g) for t in THRESHOLDS for g in DRAFT_STEPS]
         report["layers"][layer] = {"log": log, "simulated": grid}
+        if _is_main():
+            adapter.save(work_dir / f"adapter-l{layer}")
         if layer == recipe.exit_layer:
             chosen = adapter
     if output is not None and _is_main():

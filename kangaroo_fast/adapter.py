@@ -173,7 +173,10 @@ class Adapter(nn.Module):
         draft_vocab = None
         if (path / "draft_vocab.safetensors").is_file():
             from safetensors.torch import load_file
-            draft_vocab = load_file(str(path / "draft_vocab.safetensors"))["draft_vocab"]
+            vocab_file = load_file(str(path / "draft_vocab.safetensors"))
+            if "draft_vocab" not in vocab_file:
+                raise ValueError(f"{str(path / 'draft_vocab.safetensors')!r} lacks the tensor 'draft_vocab'")
+            draft_vocab = vocab_file["draft_vocab"]
         adapter = cls(config, draft_vocab)
         with torch.no_grad():
             for key, param in adapter.official_state_dict().items():

@@ -34,8 +34,9 @@ class KangarooModel:
         self.packed = pack_model(hf_model)
         self.config = self.packed.config
         limit = self.packed.rope_cos.shape[0]
-        max_cache_len = max_cache_len or min(DEFAULT_MAX_CACHE_LEN, limit)
-        if not 2 <= max_cache_len <= limit:
+        if max_cache_len is None:
+            max_cache_len = min(DEFAULT_MAX_CACHE_LEN, limit)
+        if not isinstance(max_cache_len, int) or not 2 <= max_cache_len <= limit:
             raise ValueError(f"max_cache_len={max_cache_len} must lie in 2..{limit} (the model's positions)")
         if adapter is not None:
             adapter.config.check_matches(self.config)
@@ -86,6 +87,8 @@ class KangarooModel:
                 ids = self.tokenizer(prompt)["input_ids"]
             ids = torch.tensor([list(ids)], dtype=torch.int64)
         elif isinstance(prompt, torch.Tensor):
+            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+                raise TypeError(f"input_ids must be an integer tensor, not {prompt.dtype}")
             ids = prompt.to(torch.int64)
             if ids.ndim == 1:
                 ids = ids[None]
@@ -130,7 +133,7 @@ class KangarooModel:
         return GenerateOutput(tokens=tokens, text=text, stats=stats)
 
 
-_DEFAULT: KangarooModel | None = None
+_DEFAULT: dict = {}
 
 
 def load(model=None, adapter=None, dtype=None, device=None, backend: str = "torch",
@@ -164,11 +167,11 @@ def generate(prompt, model: KangarooModel | None = None, adapter=None, **kwargs)
     ``KangarooModel.generate``: max_new_tokens, exit_layer, threshold, max_draft_steps, eos_token_id, speculate,
     callback, streamer, chat.
     """
-    global _DEFAULT
     if model is None:
-        if _DEFAULT is None:
-            _DEFAULT = load(adapter=adapter)
-        model = _DEFAULT
+        key = None if adapter is None else (adapter if isinstance(adapter, Adapter) else str(adapter))
+        if key not in _DEFAULT:  # the embedded model, loaded once per adapter asked for
+            _DEFAULT[key] = load(adapter=adapter)
+        model = _DEFAULT[key]
     elif adapter is not None:
         raise ValueError("pass adapter= to kangaroo_fast.load(), not with an already loaded model")
     return model.generate(prompt, **kwargs)

@@ -20,7 +20,7 @@ class ModelConfig:
     vocab_size: int
     rms_norm_eps: float
     qkv_bias: bool
-    sliding_window: int | None
+    layer_windows: tuple  # per layer: the sliding-window length, or None for full attention
     max_position_embeddings: int
 
     @classmethod
@@ -42,6 +42,8 @@ class ModelConfig:
         window = getattr(hf_config, "sliding_window", None)
         if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
             window = None
+        layer_types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * hf_config.num_hidden_layers
+        windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types)
         return cls(
             model_type=model_type,
             hidden_size=hf_config.hidden_size,
@@ -53,7 +55,7 @@ class ModelConfig:
             vocab_size=hf_config.vocab_size,
             rms_norm_eps=hf_config.rms_norm_eps,
             qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-            sliding_window=window,
+            layer_windows=windows,
             max_position_embeddings=hf_config.max_position_embeddings,
         )
 
@@ -82,7 +84,8 @@ class DecodeSettings:
     def validate(self, num_layers: int) -> "DecodeSettings":
         if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers - 1:
             raise ValueError(f"exit_layer={self.exit_layer!r} must be an integer in 1..{num_layers - 1}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} must lie in [0, 1]")
         if not isinstance(self.max_draft_steps, int) or self.max_draft_steps < 1:
             raise ValueError(f"max_draft_steps={self.max_draft_steps!r} must be an integer >= 1")

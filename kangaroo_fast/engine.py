@@ -123,7 +123,7 @@ class Engine:
             k_cache, v_cache = self.cache.layer(i)
             qkv = ops.linear(ops.rms_norm(x, w.input_norm, c.rms_norm_eps), w.w_qkv, w.b_qkv)
             q = ops.rope_cache_write(qkv, cos, sin, k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
-            x = x + ops.linear(ops.attention(q, k_cache, v_cache, start, c.sliding_window), w.w_o)
+            x = x + ops.linear(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i]), w.w_o)
             x = x + ops.mlp(ops.rms_norm(x, w.post_norm, c.rms_norm_eps), w.w_gate_up, w.w_down)
         return x
 

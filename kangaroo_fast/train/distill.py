@@ -47,6 +47,7 @@ class Recipe:
     gen_batch_size: int = 32
     teacher_batch_size: int = 8
     dtype: str = "bfloat16"
+    answer_only_loss: bool = False  # count only answer positions (those drafting sees), not prompts or docs
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -86,7 +87,8 @@ def _targets(top_ids: torch.Tensor, top_probs: torch.Tensor, lookup: torch.Tenso
     return dense / dense.sum(-1, keepdim=True).clamp(min=1e-6)
 
 
-def _batch(features: Features, exit_layer: int, indices: list[int], lookup: torch.Tensor, width: int):
+def _batch(features: Features, exit_layer: int, indices: list[int], lookup: torch.Tensor, width: int,
+           loss_from: list[int] | None = None):
     seqs = [features.hidden[exit_layer][i] for i in indices]
     t = max(s.shape[0] for s in seqs)
     hidden = torch.zeros(len(seqs), t, seqs[0].shape[1])
@@ -96,7 +98,9 @@ def _batch(features: Features, exit_layer: int, indices: list[int], lookup: torc
         n = seqs[row].shape[0]
         hidden[row, :n] = seqs[row].float()
         target[row, :n] = _targets(features.top_ids[i], features.top_probs[i], lookup, width)
-        mask[row, :n] = 1.0
+        first = 0 if loss_from is None else loss_from[i]
+        if first >= 0:
+            mask[row, max(first - 1, 0):n] = 1.0  # position start-1 predicts the answer's first token
     return hidden, target, mask
 
 
@@ -111,13 +115,18 @@ def _loss(adapter, hidden, target, mask, head, cos, sin):
 def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], heldout_idx: list[int],
                   lm_head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe,
                   checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-                  log: list | None = None, stop_after: int | None = None) -> Adapter:
+                  log: list | None = None, stop_after: int | None = None,
+                  loss_from: list[int] | None = None) -> Adapter:
     """Soft cross-entropy distillation; returns the trained adapter (the module, unwrapped from DDP).
 
-    ``checkpoint`` is written after every epoch; with ``resume`` training continues from it. ``stop_after`` ends
+    ``loss_from[i]`` (with ``recipe.answer_only_loss``) is where sequence i's answer starts; -1 leaves a sequence
+    out of the loss. ``checkpoint`` is written after every epoch; with ``resume`` training continues from it. ``stop_after`` ends
     this run after that many epochs in all (a time-boxed run), leaving the rest to a resumed one.
     """
     exit_layer = adapter.config.exit_layer
+    loss_from = loss_from if recipe.answer_only_loss else None
+    if loss_from is not None:
+        train_idx = [i for i in train_idx if loss_from[i] >= 0]
     vocab = adapter.draft_vocab
     head = (lm_head if vocab is None else lm_head[vocab]).float()
     width = head.shape[0]
@@ -157,7 +166,8 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
                    disable=not (progress and _is_main()))
         running = 0.0
         for n, start in enumerate(bar):
-            hidden, target, mask = _batch(features, exit_layer, mine[start:start + recipe.batch_size], lookup, width)
+            hidden, target, mask = _batch(features, exit_layer, mine[start:start + recipe.batch_size], lookup, width,
+                                          loss_from)
             loss, agree = _loss(model, hidden, target, mask, head, cos, sin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -166,7 +176,7 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
             scheduler.step()
             running = loss.item() if n == 0 else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(loss=f"{running:.3f}", top1=f"{agree.item():.3f}")
-        heldout = evaluate_loss(adapter, features, heldout_idx, head, lookup, cos, sin, recipe.batch_size)
+        heldout = evaluate_loss(adapter, features, heldout_idx, head, lookup, cos, sin, recipe.batch_size, loss_from)
         if _is_main():
             entry = {"epoch": epoch + 1, "train_loss": running, **heldout}
             if log is not None:
@@ -182,7 +192,7 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
 
 
 @torch.no_grad()
-def evaluate_loss(adapter, features, indices, head, lookup, cos, sin, batch_size) -> dict:
+def evaluate_loss(adapter, features, indices, head, lookup, cos, sin, batch_size, loss_from=None) -> dict:
     """Held-out soft cross-entropy and top-1 agreement with the teacher (over the draft vocabulary)."""
     if not indices:
         return {}
@@ -190,7 +200,7 @@ def evaluate_loss(adapter, features, indices, head, lookup, cos, sin, batch_size
     total_loss = total_agree = total_tokens = 0.0
     for start in range(0, len(indices), batch_size):
         hidden, target, mask = _batch(features, adapter.config.exit_layer, indices[start:start + batch_size],
-                                      lookup, head.shape[0])
+                                      lookup, head.shape[0], loss_from)
         loss, agree = _loss(adapter, hidden, target, mask, head, cos, sin)
         tokens = mask.sum().item()
         total_loss += loss.item() * tokens

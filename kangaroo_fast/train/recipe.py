@@ -85,7 +85,7 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
         adapter = init_adapter(packed.config, packed.final_norm, vocab, layer, recipe.seed)
         adapter = train_adapter(adapter, features, train_idx, heldout_idx, lm_head, packed.rope_cos,
                                 packed.rope_sin, recipe, checkpoint=work_dir / f"checkpoint-l{layer}.pt",
-                                resume=resume, progress=progress, log=log)
+                                resume=resume, progress=progress, log=log, loss_from=corpus["starts"])
         predictions = draft_predictions(adapter, features, heldout_idx, lm_head, packed.rope_cos, packed.rope_sin)
         grid = [simulate_rounds(predictions, starts, t, g) for t in THRESHOLDS for g in DRAFT_STEPS]
         report["layers"][layer] = {"log": log, "simulated": grid}

@@ -1,0 +1,38 @@
+"""kangaroo-fast generate: JSON output equals HF greedy; bad arguments fail with exit code 2 and a message."""
+import json
+
+import pytest
+import torch
+
+from kangaroo_fast import cli
+
+
+def test_generate_json_matches_hf(default_model, capsys):
+    model, reference = default_model.model, default_model.reference
+    code = cli.main(["generate", "Name three primary colours.", "--json", "--max-new-tokens", "12",
+                     "--dtype", "float32"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    ids = model.encode("Name three primary colours.")
+    eos = sorted(model.eos_ids())
+    want = reference.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    assert result["tokens"] == want[0, ids.shape[1]:].tolist()
+    assert result["stats"]["new_tokens"] == len(result["tokens"])
+    assert result["stats"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exit-layer", "0"], "exit_layer=0"),
+    (["--threshold", "1.5"], "threshold=1.5"),
+    (["--max-draft-steps", "0"], "max_draft_steps=0"),
+])
+def test_generate_rejects_bad_settings(args, message, capsys):
+    code = cli.main(["generate", "Hello", "--dtype", "float32", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_path_is_an_error(tmp_path, capsys):
+    code = cli.main(["generate", "Hello", "--model", str(tmp_path / "absent")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -229,7 +229,8 @@ def draft_predictions(adapter: Adapter, features: Features, indices: list[int], 
 
 def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_steps: int) -> dict:
     """Replay the engine's draft/accept rule along each answer (teacher-forced drafts are exactly the drafts
-    the engine makes while they are correct). Returns mean tokens per round and drafts per round."""
+    the engine makes while they are correct). Returns mean tokens per round (exact) and drafts per round (exact
+    for thresholds 0 and 1; otherwise an estimate, as drafts after a rejected one see the right token here)."""
     rounds = tokens = drafts_total = 0
     for (correct, conf), start in zip(predictions, starts):
         end = correct.shape[0]
@@ -237,7 +238,8 @@ def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_
         while p < end - 1:
             drafts = accepted = 0
             ok = True
-            while drafts < max_draft_steps and p + drafts < end - 1:
+            # as the engine: k drafts may emit k + 1 tokens, so they stop where the answer would overrun
+            while drafts < max_draft_steps and p + drafts < end - 2:
                 drafts += 1
                 if ok and bool(correct[p + drafts - 1]):
                     accepted += 1

@@ -10,7 +10,7 @@ token ids the draft head scores (a pruned draft vocabulary; verification always 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -11,7 +11,7 @@ from .adapter import Adapter
 from .backend import get_backend
 from .config import DecodeSettings
 from .engine import Engine, GenerationStats
-from .models import load_hf, pack_model
+from .models import load_hf, model_eos_ids, pack_model
 
 DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
 DEFAULT_MAX_CACHE_LEN = 4096
@@ -61,12 +61,9 @@ class KangarooModel:
 
     def eos_ids(self, eos_token_id=None) -> set[int]:
         if eos_token_id is None:
-            eos_token_id = getattr(self.hf_model.generation_config, "eos_token_id", None)
-            if eos_token_id is None:
-                eos_token_id = self.hf_model.config.eos_token_id
-        if eos_token_id is None:
-            return set()
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            ids = sorted(model_eos_ids(self.hf_model))
+        else:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < self.config.vocab_size:
                 raise ValueError(f"eos_token_id={i!r} is not a token id in 0..{self.config.vocab_size - 1}")

@@ -92,6 +92,16 @@ def pack_model(hf_model, max_positions: int | None = None) -> PackedModel:
                        rope_cos=cos[0].float(), rope_sin=sin[0].float())
 
 
+def model_eos_ids(hf_model) -> set[int]:
+    """The model's own end-of-sequence ids: its generation config's, else its config's (empty if neither)."""
+    eos = getattr(hf_model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = hf_model.config.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
 # ---- dtype and device defaults --------------------------------------------------------------------------------
 def _cpu_has_bf16() -> bool:
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
     if loss_from is not None:
         train_idx = [i for i in train_idx if loss_from[i] >= 0]
     vocab = adapter.draft_vocab
-    head = (lm_head if vocab is None else lm_head[vocab]).float()
+    head = adapter.head_weight(lm_head).float()
     width = head.shape[0]
     lookup = torch.full((lm_head.shape[0],), -1, dtype=torch.int64)
     lookup[vocab if vocab is not None else torch.arange(width)] = torch.arange(width)

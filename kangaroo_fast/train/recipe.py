@@ -9,10 +9,9 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from ..models import cache_dir, load_hf, pack_model, resolve_dtype
+from ..models import cache_dir, load_hf, model_eos_ids, pack_model, resolve_dtype
 from .data import chat_ids, document_chunks, frequent_tokens, generate_answers, teacher_features
 from .distill import Recipe, _is_main, draft_predictions, init_adapter, simulate_rounds, train_adapter
 
@@ -20,15 +19,13 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DRAFT_STEPS = (4, 6, 8)
 
 
-def build_corpus(hf_model, tokenizer, recipe: Recipe, work_dir: Path, progress: bool) -> dict:
+def build_corpus(hf_model, tokenizer, recipe: Recipe, eos: set[int], work_dir: Path, progress: bool) -> dict:
     """{'sequences': [[ids]], 'starts': [answer start or -1 for documentation chunks]} (cached)."""
     from .instructions import local_documentation_texts, training_instructions
 
     path = work_dir / "corpus.json"
     if path.exists():
         return json.loads(path.read_text())
-    eos = {int(hf_model.config.eos_token_id)} if isinstance(hf_model.config.eos_token_id, int) \
-        else set(hf_model.config.eos_token_id)
     instructions = training_instructions(recipe.n_instructions, seed=recipe.instruction_seed)
     answers = generate_answers(hf_model, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
                                eos, progress)
@@ -61,18 +58,17 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
     if tokenizer is None:
         raise ValueError("training needs the model's tokenizer")
     work_dir = Path(work_dir or cache_dir() / "train" / "default")
-    corpus = build_corpus(hf_model, tokenizer, recipe, work_dir, progress)
+    eos = model_eos_ids(hf_model)
+    corpus = build_corpus(hf_model, tokenizer, recipe, eos, work_dir, progress)
     layers = sorted(set(recipe.candidate_exit_layers) | {recipe.exit_layer})
     features = teacher_features(hf_model, corpus["sequences"], layers, recipe.top_k, recipe.teacher_batch_size,
                                 progress)
     packed = pack_model(hf_model)
     train_idx, heldout_idx = split(corpus, recipe)
-    eos = hf_model.config.eos_token_id
-    always = {eos} if isinstance(eos, int) else set(eos or [])
     vocab = None
     if recipe.draft_vocab_size:
         vocab = frequent_tokens(features.subset(train_idx), recipe.draft_vocab_size, packed.config.vocab_size,
-                                always)
+                                eos)
     lm_head = packed.lm_head.float()
     starts = [corpus["starts"][i] for i in heldout_idx]
     report = {"recipe": asdict(recipe), "sequences": len(corpus["sequences"]),

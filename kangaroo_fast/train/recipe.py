@@ -19,7 +19,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DRAFT_STEPS = (4, 6, 8)
 
 
-def build_corpus(hf_model, tokenizer, recipe: Recipe, eos: set[int], work_dir: Path, progress: bool) -> dict:
+def build_corpus(packed, tokenizer, recipe: Recipe, eos: set[int], work_dir: Path, progress: bool) -> dict:
     """{'sequences': [[ids]], 'starts': [answer start or -1 for documentation chunks]} (cached)."""
     from .instructions import local_documentation_texts, training_instructions
 
@@ -27,7 +27,7 @@ def build_corpus(hf_model, tokenizer, recipe: Recipe, eos: set[int], work_dir: P
     if path.exists():
         return json.loads(path.read_text())
     instructions = training_instructions(recipe.n_instructions, seed=recipe.instruction_seed)
-    answers = generate_answers(hf_model, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
+    answers = generate_answers(packed, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
                                eos, progress)
     starts = [len(chat_ids(tokenizer, text)) for text in instructions]
     docs = document_chunks(tokenizer, local_documentation_texts(recipe.doc_chars, seed=recipe.seed),
@@ -59,11 +59,11 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
         raise ValueError("training needs the model's tokenizer")
     work_dir = Path(work_dir or cache_dir() / "train" / "default")
     eos = model_eos_ids(hf_model)
-    corpus = build_corpus(hf_model, tokenizer, recipe, eos, work_dir, progress)
+    packed = pack_model(hf_model)  # in place: hf_model keeps working on the same (now fused) weights
+    corpus = build_corpus(packed, tokenizer, recipe, eos, work_dir, progress)
     layers = sorted(set(recipe.candidate_exit_layers) | {recipe.exit_layer})
     features = teacher_features(hf_model, corpus["sequences"], layers, recipe.top_k, recipe.teacher_batch_size,
                                 progress)
-    packed = pack_model(hf_model)
     train_idx, heldout_idx = split(corpus, recipe)
     vocab = None
     if recipe.draft_vocab_size:

@@ -2,6 +2,7 @@
 against the target model's exact distribution with a chi-squared test (and a biased sampler that it rejects)."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import kangaroo_fast
-from kangaroo_fast import DecodeSettings
+from kangaroo_fast import DecodeSettings, cli
 from kangaroo_fast import engine as engine_module
 from kangaroo_fast.sampling import process_logits, sample, speculative_accept, target_probs
 
@@ -314,3 +315,51 @@ def test_sampling_ids_are_valid_over_many_steps(km_llama):
     s = out.stats
     assert sum(s.accepted_at) + s.rounds == s.new_tokens - 1
     assert 0 < sum(s.accepted_at) < s.draft_steps
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny Llama saved with a word-level tokenizer ("w0".."w130") and a random adapter beside it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli_model")
+    model = tiny_model("llama", 31)
+    tokenizer = Tokenizer(WordLevel({f"w{i}": i for i in range(model.config.vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    model.save_pretrained(root / "model")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="w7").save_pretrained(root / "model")
+    random_adapter(model, 2, seed=32).save(root / "adapter")
+    return str(root / "model"), str(root / "adapter")
+
+
+def test_cli_sampling_flags_match_the_api(cli_model, capsys):
+    model_dir, adapter_dir = cli_model
+    prompt = "w3 w5 w9 w11"
+    km = kangaroo_fast.load(model_dir, adapter=adapter_dir, dtype="float32")
+    for flags, kwargs in [(["--temperature", "0.9", "--top-k", "20", "--top-p", "0.95", "--seed", "4"],
+                           dict(temperature=0.9, top_k=20, top_p=0.95, seed=4)),
+                          ([], dict())]:
+        code = cli.main(["generate", prompt, "--model", model_dir, "--adapter", adapter_dir, "--json",
+                         "--max-new-tokens", "12", "--dtype", "float32", *flags])
+        assert code == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["tokens"] == km.generate(prompt, max_new_tokens=12, **kwargs).tokens
+    ids = km.encode(prompt)
+    assert result["tokens"] == hf_greedy(km.hf_model, ids, 12)  # no sampling flag: greedy
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "temperature=-1.0"),
+    (["--top-p", "0"], "top_p=0.0"),
+    (["--top-p", "1.01"], "top_p=1.01"),
+    (["--top-k", "-2"], "top_k=-2"),
+])
+def test_cli_rejects_bad_sampling_values(cli_model, args, message, capsys):
+    model_dir, adapter_dir = cli_model
+    code = cli.main(["generate", "w1 w2", "--model", model_dir, "--adapter", adapter_dir, "--dtype", "float32", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -394,13 +394,12 @@ class Engine:
                 out.append(d[:accepted] + [t[accepted]])
             return out
         p = self._target_probs(x, settings)
-        out = []
-        for b, d in enumerate(drafts):
-            k = len(d)
-            accepted, token = speculative_accept(d, q[b, :k] if k else p.new_zeros(0, p.shape[-1]), p[b, :k + 1],
-                                                 generator)
-            out.append(d[:accepted] + [token])
-        return out
+        k = p.shape[1] - 1
+        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=p.device)
+        counts = torch.tensor([len(d) for d in drafts], dtype=torch.int64, device=p.device)
+        q = p.new_zeros(len(drafts), 0, p.shape[-1]) if q is None else q[:, :k]
+        accepted, token = speculative_accept(padded.view(len(drafts), k), counts, q, p, generator)
+        return [d[:a] + [t] for d, a, t in zip(drafts, accepted.tolist(), token.tolist())]
 
     @staticmethod
     def _record(stats: GenerationStats, drafted: int, accepted: int) -> None:

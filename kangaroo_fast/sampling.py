@@ -56,22 +56,30 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def speculative_accept(drafts: list[int], draft_probs: torch.Tensor, target_probs: torch.Tensor,
-                       generator: torch.Generator | None) -> tuple[int, int]:
-    """The accept/resample rule for one sequence.
+def speculative_accept(drafts: torch.Tensor, num_drafts: torch.Tensor, draft_probs: torch.Tensor,
+                       target_probs: torch.Tensor,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accept/resample rule for a batch of sequences, without a host sync.
 
-    drafts: k token ids; draft_probs [k, V]: q_1..q_k over the full vocabulary (zero outside a pruned draft
-    vocabulary); target_probs [k + 1, V]: p_1..p_{k+1}. Returns (accepted a, the token emitted after d_1..d_a).
-    Uses k uniform draws at most, then one categorical draw.
+    drafts [B, K] int64: row b holds its num_drafts[b] drafts first (entries past them are ignored);
+    draft_probs [B, K, V]: q_1..q_K over the full vocabulary (zero outside a pruned draft vocabulary);
+    target_probs [B, K + 1, V]: p_1..p_{K+1}. Returns (accepted a [B], the token emitted after d_1..d_a [B]).
+    Draws K uniforms and one categorical sample per sequence.
     """
-    k = len(drafts)
-    for i, token in enumerate(drafts):
-        p, q = float(target_probs[i, token]), float(draft_probs[i, token])
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
-        if u * q < p:  # u < p / q; q > 0 because token was drawn from q
-            continue
-        residual = (target_probs[i] - draft_probs[i]).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q up to rounding: the residual is undefined, p is exact
-            residual = target_probs[i]
-        return i, int(sample((residual / residual.sum())[None], generator)[0])
-    return k, int(sample(target_probs[k:k + 1], generator)[0])
+    bsz, k = drafts.shape
+    if k == 0:
+        return num_drafts.clone(), sample(target_probs[:, 0], generator)
+    rows = torch.arange(bsz, device=drafts.device)
+    p_drafted = target_probs[:, :k].gather(-1, drafts[..., None])[..., 0]
+    q_drafted = draft_probs.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(bsz, k, generator=generator, device=drafts.device, dtype=p_drafted.dtype)
+    # reject where u >= p / q (q > 0: each draft was drawn from its q); only the real drafts count
+    rejected = (u * q_drafted >= p_drafted) & (torch.arange(k, device=drafts.device) < num_drafts[:, None])
+    any_rejected = rejected.any(dim=1)
+    accepted = torch.where(any_rejected, rejected.to(torch.int64).argmax(dim=1), num_drafts)
+    p_next = target_probs[rows, accepted]
+    q_next = draft_probs[rows, accepted.clamp(max=k - 1)] * any_rejected[:, None]  # no q after all-accepted
+    residual = (p_next - q_next).clamp_min(0.0)
+    # p == q up to rounding leaves no residual; p itself is then the exact answer
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return accepted, sample(residual / residual.sum(-1, keepdim=True), generator)

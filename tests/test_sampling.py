@@ -111,40 +111,65 @@ def _random_distribution(vocab: int, gen: torch.Generator, zeros: int) -> torch.
 @pytest.mark.parametrize("vocab,zeros_p,zeros_q", [(5, 0, 0), (7, 2, 3), (4, 1, 0)])
 def test_speculative_accept_emits_the_target_distribution(vocab, zeros_p, zeros_q):
     """Draft d1 ~ q, then the rule: the first emitted token is distributed as p1, whatever q is (zeros included),
-    and all-accepted rounds end with a bonus from p2."""
+    and all-accepted rows end with a bonus from p2."""
     gen = torch.Generator().manual_seed(vocab * 10 + zeros_p)
     p = torch.stack([_random_distribution(vocab, gen, zeros_p), _random_distribution(vocab, gen, 0)])
     q = _random_distribution(vocab, gen, zeros_q)[None]
-    runs = 6000
-    first, bonus = Counter(), Counter()
-    accepted_total = 0
-    for _ in range(runs):
-        draft = int(sample(q, gen)[0])
-        accepted, token = speculative_accept([draft], q, p, gen)
-        accepted_total += accepted
-        if accepted:
-            first[draft] += 1
-            bonus[token] += 1
-        else:
-            first[token] += 1
-    assert chi_squared_p_value(first, dict(enumerate(p[0].tolist())), runs) > ALPHA
-    assert chi_squared_p_value(bonus, dict(enumerate(p[1].tolist())), accepted_total) > ALPHA
+    runs = 20000
+    drafts = sample(q.expand(runs, vocab), gen)[:, None]
+    accepted, token = speculative_accept(drafts, torch.ones(runs, dtype=torch.int64), q.expand(runs, 1, vocab),
+                                         p.expand(runs, 2, vocab), gen)
+    assert set(accepted.tolist()) <= {0, 1}
+    first = torch.where(accepted == 1, drafts[:, 0], token)
+    bonus = token[accepted == 1]
+    assert chi_squared_p_value(Counter(first.tolist()), dict(enumerate(p[0].tolist())), runs) > ALPHA
+    assert chi_squared_p_value(Counter(bonus.tolist()), dict(enumerate(p[1].tolist())), bonus.numel()) > ALPHA
     overlap = float(torch.minimum(p[0], q[0]).sum())  # the acceptance probability sum_x min(p, q)
-    assert accepted_total / runs == pytest.approx(overlap, abs=4 * (overlap * (1 - overlap) / runs) ** 0.5 + 1e-3)
+    rate = float(accepted.float().mean())
+    assert rate == pytest.approx(overlap, abs=4 * (overlap * (1 - overlap) / runs) ** 0.5 + 1e-3)
+
+
+def test_speculative_accept_deterministic_cases():
+    """Rows whose outcome is certain: q == p everywhere (all accepted, the bonus from a one-hot p), a draft p
+    gives no mass (rejected there, the residual one-hot), no drafts at all (the bonus straight from p1), and
+    padding past num_drafts ignored."""
+    v = 4
+    one_hot = torch.eye(v)
+    q = torch.zeros(3, 3, v)
+    p = torch.zeros(3, 4, v)
+    drafts = torch.tensor([[1, 2, 3], [0, 2, 1], [3, 3, 3]])
+    num_drafts = torch.tensor([3, 2, 0])
+    q[0, :3], p[0, :3], p[0, 3] = one_hot[[1, 2, 3]], one_hot[[1, 2, 3]], one_hot[0]
+    q[1, 0], p[1, 0] = one_hot[0], one_hot[0]
+    q[1, 1], p[1, 1] = one_hot[2], 0.5 * (one_hot[1] + one_hot[3])  # p(2) = 0: rejected; residual = p
+    q[1, 2], p[1, 2] = one_hot[1], 0.0  # padding: would be rejected if it counted
+    q[2, :] = one_hot[3]
+    p[2, 0] = one_hot[2]  # no drafts: the bonus from p1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        accepted, token = speculative_accept(drafts, num_drafts, q, p, gen)
+        assert accepted.tolist() == [3, 1, 0]
+        assert token[0] == 0 and token[1] in (1, 3) and token[2] == 2
+
+
+def test_speculative_accept_residual_excludes_the_rejected_mass():
+    """p = (0.5, 0.5), q = (1, 0): draft 0 is accepted half the time; a rejection must emit token 1 (the
+    residual), never token 0."""
+    gen = torch.Generator().manual_seed(2)
+    runs = 4000
+    p = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]]).expand(runs, 2, 2)
+    q = torch.tensor([[[1.0, 0.0]]]).expand(runs, 1, 2)
+    accepted, token = speculative_accept(torch.zeros(runs, 1, dtype=torch.int64), torch.ones(runs, dtype=torch.int64),
+                                         q, p, gen)
+    assert bool((token[accepted == 0] == 1).all()) and bool((token[accepted == 1] == 0).all())
+    assert 0.45 < float(accepted.float().mean()) < 0.55
 
 
 def test_speculative_accept_without_drafts_samples_the_bonus():
-    p = torch.tensor([[0.0, 1.0, 0.0]])
-    assert speculative_accept([], p.new_zeros(0, 3), p, torch.Generator().manual_seed(0)) == (0, 1)
-
-
-def test_speculative_accept_identical_distributions_accept_everything():
-    gen = torch.Generator().manual_seed(1)
-    q = torch.stack([_random_distribution(6, gen, 1) for _ in range(3)])
-    p = torch.cat([q, _random_distribution(6, gen, 0)[None]])
-    for _ in range(50):
-        drafts = [int(sample(q[i:i + 1], gen)[0]) for i in range(3)]
-        assert speculative_accept(drafts, q, p, gen)[0] == 3
+    p = torch.tensor([[[0.0, 1.0, 0.0]]])
+    accepted, token = speculative_accept(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                                         p.new_zeros(1, 0, 3), p, torch.Generator().manual_seed(0))
+    assert accepted.tolist() == [0] and token.tolist() == [1]
 
 
 # ---- the engine's sampled output against the exact target distribution --------------------------------------------
@@ -220,20 +245,18 @@ def test_single_sequence_sampling_matches_target_distribution(sampling_case):
     assert chi_squared_p_value(counts, exact_joint(model, prompt, *settings[:3]), runs) > ALPHA
 
 
-def _accept_every_draft(drafts, draft_probs, target_probs, generator):
+def _accept_every_draft(drafts, num_drafts, draft_probs, target_probs, generator):
     """A biased sampler: every draft passes, then a bonus from p (the draft's distribution leaks through)."""
-    k = len(drafts)
-    return k, int(sample(target_probs[k:k + 1], generator)[0])
+    rows = torch.arange(drafts.shape[0])
+    return num_drafts, sample(target_probs[rows, num_drafts], generator)
 
 
-def _residual_from_p(drafts, draft_probs, target_probs, generator):
+def _residual_from_p(drafts, num_drafts, draft_probs, target_probs, generator):
     """A subtly biased sampler: the right acceptance test, but a rejected draft is replaced by a draw from p
     instead of the residual max(0, p - q)."""
-    for i, token in enumerate(drafts):
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
-        if u * float(draft_probs[i, token]) >= float(target_probs[i, token]):
-            return i, int(sample(target_probs[i:i + 1], generator)[0])
-    return len(drafts), int(sample(target_probs[len(drafts):len(drafts) + 1], generator)[0])
+    accepted, _ = speculative_accept(drafts, num_drafts, draft_probs, target_probs, generator)
+    rows = torch.arange(drafts.shape[0])
+    return accepted, sample(target_probs[rows, accepted], generator)
 
 
 @pytest.mark.parametrize("biased", [_accept_every_draft, _residual_from_p])

@@ -217,3 +217,16 @@ def test_batch_argument_errors(cases):
         km.generate(prompts[:2], max_new_tokens=3, streamer=object())
     with pytest.raises(ValueError, match="prompt is empty"):
         km.generate([prompts[0], []], max_new_tokens=3)
+
+
+def test_sliding_window_batch_equals_hf():
+    """Mistral with a sliding window shorter than the prompts: the per-sequence masks keep each window."""
+    model = tiny_model("mistral", 61, sliding_window=5)
+    prompts = [random_prompt(model.config.vocab_size, n, 62 + n) for n in (9, 3, 14)]
+    refs = [hf_greedy(model, ids, 16, eos_token_id=-1) for ids in prompts]
+    full = tiny_model("mistral", 61, sliding_window=None)
+    assert [hf_greedy(full, ids, 16, eos_token_id=-1) for ids in prompts] != refs  # the window matters
+    km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 3, seed=63))
+    for threshold, steps in ((0.0, 4), (0.6, 2)):
+        outs = km.generate(prompts, max_new_tokens=16, threshold=threshold, max_draft_steps=steps, eos_token_id=[])
+        assert [o.tokens for o in outs] == refs

@@ -386,3 +386,22 @@ def test_cli_rejects_bad_sampling_values(cli_model, args, message, capsys):
     code = cli.main(["generate", "w1 w2", "--model", model_dir, "--adapter", adapter_dir, "--dtype", "float32", *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sampled_batch_stops_each_sequence_at_eos(km_llama):
+    """With a likely EOS, sampled sequences of a batch end at their first EOS (stop_reason eos) or run to
+    max_new_tokens without one; finished sequences leave the batch while the others go on."""
+    model, km = km_llama
+    prompts = [random_prompt(model.config.vocab_size, n, 40 + n)[0] for n in (3, 8, 5, 1, 12, 6)]
+    outs = km.generate(prompts, max_new_tokens=30, temperature=1.5, seed=7, threshold=0.0, max_draft_steps=3,
+                       eos_token_id=[0, 40, 80, 120])
+    eos = {0, 40, 80, 120}
+    reasons = set()
+    for out in outs:
+        reasons.add(out.stats.stop_reason)
+        assert not eos & set(out.tokens[:-1])
+        if out.stats.stop_reason == "eos":
+            assert out.tokens[-1] in eos
+        else:
+            assert out.stats.stop_reason == "max_new_tokens" and len(out.tokens) == 30
+    assert reasons == {"eos", "max_new_tokens"}

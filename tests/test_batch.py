@@ -111,12 +111,18 @@ def _alone(km, prompts, **kwargs):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("adapter_kind,threshold,steps", [("random", 0.0, 4), ("early_exit", 0.6, 3),
-                                                          ("early_exit", 0.0, 6), ("random", 1.0, 2)])
+                                                          ("early_exit", 0.0, 6), ("random", 1.0, 2),
+                                                          ("pruned_vocab", 0.0, 3)])
 def test_batch_equals_alone_and_hf(cases, kind, adapter_kind, threshold, steps):
     model, prompts, refs = cases[kind]
-    exit_layer = model.config.num_hidden_layers - 1 if adapter_kind == "early_exit" else 2
-    make = early_exit_adapter if adapter_kind == "early_exit" else random_adapter
-    km = kangaroo_fast.load(model, adapter=make(model, exit_layer, seed=53))
+    if adapter_kind == "early_exit":
+        adapter = early_exit_adapter(model, model.config.num_hidden_layers - 1, seed=53)
+    elif adapter_kind == "pruned_vocab":  # every other token id, in reverse: half the references are draftable
+        vocab = torch.arange(model.config.vocab_size - 1, -1, -2)
+        adapter = early_exit_adapter(model, model.config.num_hidden_layers - 1, seed=53, draft_vocab=vocab)
+    else:
+        adapter = random_adapter(model, 2, seed=53)
+    km = kangaroo_fast.load(model, adapter=adapter)
     kwargs = dict(max_new_tokens=NEW_TOKENS, threshold=threshold, max_draft_steps=steps, eos_token_id=[])
     streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     batch = km.generate(prompts, callback=lambda i, new: streamed[i].extend(new), **kwargs)

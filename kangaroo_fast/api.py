@@ -104,16 +104,39 @@ class KangarooModel:
 
     def generate(self, prompt, max_new_tokens: int = 256, exit_layer: int | None = None,
                  threshold: float | None = None, max_draft_steps: int | None = None, eos_token_id=None,
-                 speculate: bool = True, callback: Callable[[list[int]], None] | None = None, streamer=None,
-                 chat: bool = True) -> GenerateOutput:
+                 speculate: bool = True, callback: Callable | None = None, streamer=None, chat: bool = True,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 generator: torch.Generator | None = None) -> GenerateOutput | list[GenerateOutput]:
+        """Decode one prompt, or a list of prompts as one batch (then a list of outputs, in order).
+
+        ``temperature == 0`` (the default) is greedy; above 0 the output is sampled with HF's ``temperature``,
+        ``top_k`` (0: off) and ``top_p`` (1: off), losslessly: exactly the base model's sampling distribution.
+        ``seed`` or ``generator`` (a ``torch.Generator`` on the model's device) makes sampling reproducible.
+        ``callback(new_tokens)`` follows one prompt; with a list it is called as ``callback(index, new_tokens)``.
+        """
         defaults = self.default_settings()
         settings = DecodeSettings(
             exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,
             threshold=defaults["threshold"] if threshold is None else threshold,
             max_draft_steps=defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
-            max_new_tokens=max_new_tokens).validate(self.config.num_layers)
-        ids = self.encode(prompt, chat)
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p).validate(self.config.num_layers)
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"seed={seed!r} must be an integer")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         eos = self.eos_ids(eos_token_id)
+        if _is_batch(prompt):
+            if streamer is not None:
+                raise ValueError("streamer= follows one prompt; with a list of prompts pass "
+                                 "callback=(index, new_tokens) instead")
+            ids = [self.encode(p, chat)[0] for p in prompt]
+            results = self.engine.generate_batch(ids, settings, eos, speculate=speculate, callback=callback,
+                                                 generator=generator)
+            return [self._output(tokens, stats) for tokens, stats in results]
+        ids = self.encode(prompt, chat)
 
         def on_tokens(new: list[int]) -> None:
             if callback is not None:
@@ -123,11 +146,20 @@ class KangarooModel:
 
         if streamer is not None:
             streamer.put(ids[0].cpu())
-        tokens, stats = self.engine.generate(ids, settings, eos, speculate=speculate, callback=on_tokens)
+        tokens, stats = self.engine.generate(ids, settings, eos, speculate=speculate, callback=on_tokens,
+                                             generator=generator)
         if streamer is not None:
             streamer.end()
+        return self._output(tokens, stats)
+
+    def _output(self, tokens: list[int], stats: GenerationStats) -> GenerateOutput:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerateOutput(tokens=tokens, text=text, stats=stats)
+
+
+def _is_batch(prompt) -> bool:
+    """A list or tuple of prompts (strings, id lists, tensors), as opposed to one list of token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not all(isinstance(t, int) for t in prompt)
 
 
 _DEFAULT: dict = {}
@@ -157,12 +189,14 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str = "torc
     return KangarooModel(hf_model, tokenizer, adapter, backend=backend, max_cache_len=max_cache_len)
 
 
-def generate(prompt, model: KangarooModel | None = None, adapter=None, **kwargs) -> GenerateOutput:
-    """Generate greedily from ``prompt`` with Kangaroo self-speculative decoding (lossless).
+def generate(prompt, model: KangarooModel | None = None, adapter=None,
+             **kwargs) -> GenerateOutput | list[GenerateOutput]:
+    """Generate from ``prompt`` (or a list of prompts, decoded as one batch, giving a list of outputs) with
+    Kangaroo self-speculative decoding: greedy by default, sampled with ``temperature > 0``; lossless either way.
 
     ``model=None`` uses the embedded default model (loaded once). Keyword arguments are those of
     ``KangarooModel.generate``: max_new_tokens, exit_layer, threshold, max_draft_steps, eos_token_id, speculate,
-    callback, streamer, chat.
+    callback, streamer, chat, temperature, top_k, top_p, seed, generator.
     """
     if model is None:
         key = None if adapter is None else (adapter if isinstance(adapter, Adapter) else str(adapter))

@@ -8,7 +8,9 @@ class StaticKVCache:
     """Keys and values for ``num_layers`` layers as [num_layers, B, Hkv, max_len, D] buffers.
 
     Positions at or beyond a sequence's length hold stale values that attention never reads: a later write at
-    the same position overwrites them. Nothing is copied or reallocated after construction.
+    the same position overwrites them. Nothing is copied or reallocated after construction, except that
+    ``keep_rows`` moves the rows of unfinished sequences to the front when others finish, so that the ops run
+    on the leading ``active`` rows only.
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -19,13 +21,36 @@ class StaticKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.active = batch
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[index], self.v[index]
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
 
-    def reset(self) -> None:
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [active, Hkv, max_len, D] of one layer's keys and values."""
+        return self.k[index, :self.active], self.v[index, :self.active]
+
+    def reset(self, active: int | None = None) -> None:
+        """Forget every sequence; the first ``active`` rows (all by default) are in use."""
+        active = self.batch if active is None else active
+        if not 1 <= active <= self.batch:
+            raise ValueError(f"active={active} must lie in 1..{self.batch} (the cache's batch)")
         self.lengths.zero_()
+        self.active = active
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Move the given active rows, in this order, to the front and make them the only active ones."""
+        if not rows or any(not 0 <= r < self.active for r in rows):
+            raise ValueError(f"rows={rows} must be a non-empty list of active rows 0..{self.active - 1}")
+        if rows != list(range(len(rows))):
+            index = torch.tensor(rows, device=self.k.device)
+            n = len(rows)
+            self.k[:, :n] = self.k[:, index]
+            self.v[:, :n] = self.v[:, index]
+            self.lengths[:n] = self.lengths[index]
+        self.active = len(rows)

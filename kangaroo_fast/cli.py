@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _settings(args) -> dict:
     return {k: v for k, v in {"exit_layer": args.exit_layer, "threshold": args.threshold,
-                              "max_draft_steps": args.max_draft_steps}.items() if v is not None}
+                              "max_draft_steps": args.max_draft_steps, "seed": args.seed}.items() if v is not None}
 
 
 def cmd_generate(args) -> int:
@@ -21,7 +21,8 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True) \
         if model.tokenizer is not None and not args.json else None
     out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, speculate=not args.no_speculate,
-                         streamer=streamer, **_settings(args))
+                         streamer=streamer, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         **_settings(args))
     stats = out.stats.as_dict()
     if args.json:
         print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--exit-layer", type=int, default=None)
     gen.add_argument("--threshold", type=float, default=None)
     gen.add_argument("--max-draft-steps", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample (lossless)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default=None)
     gen.add_argument("--no-speculate", action="store_true", help="the same engine without drafting")

@@ -80,6 +80,13 @@ class DecodeSettings:
     threshold: float = 0.6
     max_draft_steps: int = 6
     max_new_tokens: int = 256
+    temperature: float = 0.0  # HF's meaning; 0 is greedy (do_sample=False)
+    top_k: int = 0            # 0 disables top-k
+    top_p: float = 1.0        # 1 disables top-p
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
     def validate(self, num_layers: int) -> "DecodeSettings":
         if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers - 1:
@@ -91,4 +98,11 @@ class DecodeSettings:
             raise ValueError(f"max_draft_steps={self.max_draft_steps!r} must be an integer >= 1")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < float("inf"):
+            raise ValueError(f"temperature={t!r} must be a finite number >= 0 (0 means greedy)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k={k!r} must be an integer >= 0 (0 disables top-k)")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p={p!r} must lie in (0, 1] (1 disables top-p)")
         return self

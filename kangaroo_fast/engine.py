@@ -1,19 +1,24 @@
 """The decode loop: prefill, draft, verify, accept, commit, and the same engine without drafting (vanilla).
 
-Round state (batch 1): ``pos`` tokens have keys/values in every layer; ``last`` is the newest token, emitted but
-not yet run through the model; it sits at position ``pos``.
+Round state, per sequence b of a batch: ``pos[b]`` tokens have keys/values in every layer; ``last[b]`` is the
+newest token, emitted but not yet run through the model; it sits at position ``pos[b]``.
 
-    draft   last, d1, d2 ... run through layers 0..l-1 and the adapter one at a time (their layer-l states kept);
-            the draft head proposes the next token; drafting stops after the first proposal whose top-1
-            probability is below the threshold (that proposal is still verified), after max_draft_steps
-            proposals, at EOS, or where the cache or max_new_tokens leave no room.
-    verify  the kept layer-l states of [last, d1..dk] run through layers l..L-1 in one forward -> targets t0..tk.
-    accept  a = longest prefix with d_i == t_{i-1}; emit d1..da and the bonus token t_a.
-    commit  pos += a + 1; last = t_a. Rejected positions are simply overwritten later.
+    draft   last, d1, d2 ... run through layers 0..l-1 and the adapter one step at a time for the whole batch
+            (their layer-l states kept); the draft head proposes each sequence's next token. A sequence stops
+            drafting after its first proposal whose top-1 probability is below the threshold (that proposal is
+            still verified), after max_draft_steps proposals, at EOS, or where the cache or max_new_tokens leave
+            no room; drafting goes on while any sequence still drafts (the others' extra steps are padding).
+    verify  the kept layer-l states of [last, d1..dk] run through layers l..L-1 in one forward for the whole
+            batch, each sequence at its own positions -> targets t0..tk (greedy) or distributions p1..p_{k+1}.
+    accept  greedy: a = longest prefix with d_i == t_{i-1}; emit d1..da and the bonus token t_a.
+            sampling: the speculative rule of ``sampling.speculative_accept`` (lossless in distribution).
+    commit  pos += a + 1; last = the emitted token. Rejected and padding positions are overwritten later.
 
 Every draft token also runs through the adapter, so the adapter cache is complete even when all drafts pass.
-Host syncs per round on the reference backend: one per draft proposal (the confidence test) and one for the
-accepted length; on CPU these cost nothing.
+Sequences of a batch keep their own positions; a finished sequence's cache rows are dropped (``keep_rows``), so
+it costs nothing afterwards. Batch 1 passes positions as plain ints, as before batching existed.
+Host syncs per round on the reference backend: one per draft step (the confidence test) and one for the accepted
+lengths (per-sequence attention adds one per call); on CPU these cost nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .adapter import Adapter
 from .cache import StaticKVCache
 from .config import DecodeSettings
 from .models import PackedModel
+from .sampling import sample, speculative_accept, target_probs
 
 
 @dataclass
@@ -40,7 +46,7 @@ class GenerationStats:
     dtype: str = ""
     device: str = ""
     mode: str = "kangaroo"
-    stop_reason: str = ""
+    stop_reason: str = ""  # eos | max_new_tokens | cache_full
     drafted_at: list[int] = field(default_factory=list)   # drafted_at[j]: rounds that proposed a (j+1)-th token
     accepted_at: list[int] = field(default_factory=list)  # accepted_at[j]: rounds that accepted it
 
@@ -87,13 +93,10 @@ class Engine:
             raise ValueError(f"max_len={max_len} exceeds the RoPE table ({packed.rope_cos.shape[0]} positions)")
         self.cos = packed.rope_cos[:max_len].to(dtype)
         self.sin = packed.rope_sin[:max_len].to(dtype)
-        c = self.cfg
-        self.cache = StaticKVCache(c.num_layers, 1, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         self.adapter = None
         if adapter is not None:
-            adapter.config.check_matches(c)
+            adapter.config.check_matches(self.cfg)
             self.adapter = adapter
-            self.adapter_cache = StaticKVCache(1, 1, c.num_kv_heads, max_len, c.head_dim, dtype, device)
             with torch.no_grad():
                 self.a_input_norm = adapter.input_norm.detach().to(device, dtype)
                 self.a_qkv = adapter.qkv_weight().detach().to(device, dtype)
@@ -102,22 +105,46 @@ class Engine:
                 self.draft_head = adapter.head_weight(packed.lm_head).to(device, dtype).contiguous()
                 vocab = adapter.draft_vocab
                 self.draft_vocab = None if vocab is None else vocab.to(device)
-        self._grow_draft_buffer(max_draft_steps)
+        self._allocate(1, max_len, max_draft_steps)
 
     @property
     def max_len(self) -> int:
         return self.cache.max_len
 
+    def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
+        """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
+        c, dtype, device = self.cfg, self.w.dtype, self.w.device
+        self.cache = StaticKVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
+        if self.adapter is not None:
+            self.adapter_cache = StaticKVCache(1, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
+        self._grow_draft_buffer(max_draft_steps)
+
     def _grow_draft_buffer(self, steps: int) -> None:
-        self.shallow_states = torch.empty(1, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
+        self.shallow_states = torch.empty(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
                                           device=self.w.device)
 
+    # ---- positions -------------------------------------------------------------------------------------------
+    def _starts(self, pos: list[int], offset: int = 0) -> int | torch.Tensor:
+        """Start positions for the ops: an int for one sequence, a [B] int64 tensor for a batch."""
+        if len(pos) == 1:
+            return pos[0] + offset
+        return torch.tensor(pos, dtype=torch.int64, device=self.w.device) + offset
+
+    def _rope_rows(self, start: int | torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows of positions start..start+T-1: [T, D] for an int start, [B, T, D] for a tensor (positions
+        past the cache, padding of a batch, read the last row)."""
+        if isinstance(start, int):
+            return self.cos[start:start + t], self.sin[start:start + t]
+        positions = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=self.cos.shape[0] - 1)
+        return self.cos[positions], self.sin[positions]
+
     # ---- model pieces ----------------------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, start: int, first: int, stop: int) -> torch.Tensor:
-        """Run decoder layers first..stop-1 on x [1, T, H] at positions start..start+T-1, writing their caches."""
+    def _layers(self, x: torch.Tensor, start: int | torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        """Run decoder layers first..stop-1 on x [B, T, H] at positions start..start+T-1 (per sequence with a
+        [B] tensor start), writing their caches."""
         ops, c = self.ops, self.cfg
         t = x.shape[1]
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        cos, sin = self._rope_rows(start, t)
         for i in range(first, stop):
             w = self.w.layers[i]
             k_cache, v_cache = self.cache.layer(i)
@@ -127,59 +154,108 @@ class Engine:
             x = x + ops.mlp(ops.rms_norm(x, w.post_norm, c.rms_norm_eps), w.w_gate_up, w.w_down)
         return x
 
-    def _adapter(self, h: torch.Tensor, start: int) -> torch.Tensor:
-        """The adapter block (before its final norm) on layer-l states h [1, T, H], writing its cache."""
+    def _adapter(self, h: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """The adapter block (before its final norm) on layer-l states h [B, T, H], writing its cache."""
         ops, c = self.ops, self.cfg
-        t = h.shape[1]
+        cos, sin = self._rope_rows(start, h.shape[1])
         k_cache, v_cache = self.adapter_cache.layer(0)
         qkv = ops.linear(ops.rms_norm(h, self.a_input_norm, c.rms_norm_eps), self.a_qkv)
-        q = ops.rope_cache_write(qkv, self.cos[start:start + t], self.sin[start:start + t], k_cache, v_cache, start,
-                                 c.num_heads, c.num_kv_heads)
+        q = ops.rope_cache_write(qkv, cos, sin, k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
         return h + ops.linear(ops.attention(q, k_cache, v_cache, start), self.a_o)
 
-    def _propose(self, adapter_out: torch.Tensor) -> tuple[int, float]:
-        """Draft head on the adapter's newest output: (token id, top-1 probability). One host sync."""
+    def _propose(self, adapter_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft head on the adapter's newest outputs: (token ids [B], top-1 probabilities [B])."""
         index, prob = self.ops.draft_head(adapter_out[:, -1], self.a_norm, self.cfg.rms_norm_eps, self.draft_head)
         token = index if self.draft_vocab is None else self.draft_vocab[index]
-        return int(token[0]), float(prob[0])
+        return token, prob
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.verify_head(x, self.w.final_norm, self.cfg.rms_norm_eps, self.w.lm_head)
 
+    # ---- sampling pieces (temperature > 0) -------------------------------------------------------------------
+    def _propose_sampled(self, adapter_out: torch.Tensor, settings: DecodeSettings,
+                         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw draft tokens from the processed draft distributions q: (token ids [B], the raw distribution's
+        top-1 probability [B] for the confidence stop, q over the full vocabulary [B, V])."""
+        c = self.cfg
+        logits = self.ops.linear(self.ops.rms_norm(adapter_out[:, -1], self.a_norm, c.rms_norm_eps),
+                                 self.draft_head).float()
+        confidence = logits.softmax(-1).amax(-1)
+        q = target_probs(logits, settings)
+        index = sample(q, generator)
+        if self.draft_vocab is None:
+            return index, confidence, q
+        full = q.new_zeros(q.shape[0], c.vocab_size)
+        full[:, self.draft_vocab] = q
+        return self.draft_vocab[index], confidence, full
+
+    def _target_probs(self, x: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+        """Deep states [B, T, H] -> the full model's processed next-token distributions p [B, T, V]."""
+        logits = self.ops.linear(self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head)
+        return target_probs(logits.float(), settings)
+
+    def _next_tokens(self, x: torch.Tensor, settings: DecodeSettings,
+                     generator: torch.Generator | None) -> list[int]:
+        """One token per sequence from deep states x [B, 1, H]: greedy, or sampled from p."""
+        if settings.greedy:
+            return self._targets(x)[:, 0].tolist()
+        return sample(self._target_probs(x, settings)[:, 0], generator).tolist()
+
     # ---- phases ----------------------------------------------------------------------------------------------
-    def prefill(self, prompt: torch.Tensor, exit_layer: int | None) -> int:
-        """Run the prompt [1, n] through the full model (and the adapter when drafting); return the first token."""
-        n = prompt.shape[1]
-        x = self.ops.embed(prompt, self.w.embed)
+    def prefill(self, prompts: torch.Tensor, lengths: list[int], exit_layer: int | None) -> torch.Tensor:
+        """Run prompts [B, N] (sequence b is prompts[b, :lengths[b]], padded on the right) through the full model
+        (and the adapter when drafting); return the deep states at each sequence's last prompt position [B, 1, H].
+
+        Causal attention keeps every real position blind to the padding after it; the padding's keys/values sit
+        past the sequence's length and are overwritten before they could be read."""
+        x = self.ops.embed(prompts, self.w.embed)
         if exit_layer is None:
             x = self._layers(x, 0, 0, self.cfg.num_layers)
         else:
             h = self._layers(x, 0, 0, exit_layer)
             self._adapter(h, 0)
             x = self._layers(h, 0, exit_layer, self.cfg.num_layers)
-        self.cache.lengths.fill_(n)
-        return int(self._targets(x[:, -1:])[0, 0])
+        self._set_lengths(lengths)
+        if len(lengths) == 1:
+            return x[:, lengths[0] - 1:lengths[0]]
+        last = torch.tensor(lengths, device=x.device) - 1
+        return x[torch.arange(len(lengths), device=x.device), last][:, None]
 
-    def draft(self, last: int, pos: int, settings: DecodeSettings, budget: int, eos: set[int]) -> list[int]:
-        """Propose up to ``budget`` tokens after ``last`` (at ``pos``); keep each input's layer-l state."""
-        l = settings.exit_layer
-        drafts: list[int] = []
-        token, confidence = last, 1.0
+    def draft(self, last: list[int], pos: list[int], settings: DecodeSettings, budget: list[int], eos: set[int],
+              generator: torch.Generator | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Propose up to ``budget[b]`` tokens after ``last[b]`` (at ``pos[b]``) for every sequence b, keeping each
+        input's layer-l state. Returns the drafts per sequence and, when sampling, the processed draft
+        distributions q [B, K, V] (K = the longest draft). One host sync per step."""
+        l, n = settings.exit_layer, len(pos)
+        token = torch.tensor(last, device=self.w.device)
+        drafting = [k > 0 for k in budget]
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        dists = []
+        i = 0
         while True:
-            i = len(drafts)
-            ids = torch.tensor([[token]], device=self.w.device)
-            h = self._layers(self.ops.embed(ids, self.w.embed), pos + i, 0, l)
-            self.shallow_states[:, i:i + 1] = h
-            out = self._adapter(h, pos + i)
-            if i == budget or confidence < settings.threshold or token in eos and i > 0:
-                return drafts
-            token, confidence = self._propose(out)
-            drafts.append(token)
+            start = self._starts(pos, i)
+            h = self._layers(self.ops.embed(token[:, None], self.w.embed), start, 0, l)
+            self.shallow_states[:n, i:i + 1] = h
+            out = self._adapter(h, start)
+            if not any(drafting):
+                break
+            if settings.greedy:
+                token, confidence = self._propose(out)
+            else:
+                token, confidence, q = self._propose_sampled(out, settings, generator)
+                dists.append(q)
+            i += 1
+            for b, (t, conf) in enumerate(zip(token.tolist(), confidence.tolist())):
+                if drafting[b]:
+                    drafts[b].append(t)
+                    drafting[b] = i < budget[b] and conf >= settings.threshold and t not in eos
+        return drafts, torch.stack(dists, dim=1) if dists else None
 
-    def verify(self, pos: int, num_drafts: int, exit_layer: int) -> list[int]:
-        """Layers l..L-1 on the kept states of [last, d1..dk]; return the full model's k+1 greedy tokens."""
-        x = self._layers(self.shallow_states[:, :num_drafts + 1], pos, exit_layer, self.cfg.num_layers)
-        return self._targets(x)[0].tolist()
+    def verify(self, pos: list[int], num_drafts: int, exit_layer: int) -> torch.Tensor:
+        """Layers l..L-1 on the kept states of [last, d1..dk] of every sequence -> deep states [B, k + 1, H]."""
+        n = len(pos)
+        return self._layers(self.shallow_states[:n, :num_drafts + 1], self._starts(pos), exit_layer,
+                            self.cfg.num_layers)
 
     @staticmethod
     def accept(drafts: list[int], targets: list[int]) -> int:
@@ -189,80 +265,149 @@ class Engine:
             accepted += 1
         return accepted
 
-    def commit(self, pos: int, accepted: int) -> int:
-        pos += accepted + 1
-        self.cache.lengths.fill_(pos)
-        if self.adapter is not None:
-            self.adapter_cache.lengths.fill_(pos)
+    def commit(self, pos: list[int], emitted: list[int]) -> list[int]:
+        """Every sequence moves on by the tokens it emitted this round (accepted drafts + 1)."""
+        pos = [p + e for p, e in zip(pos, emitted)]
+        self._set_lengths(pos)
         return pos
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        values = torch.tensor(lengths, dtype=torch.int64, device=self.w.device)
+        self.cache.lengths[:len(lengths)] = values
+        if self.adapter is not None:
+            self.adapter_cache.lengths[:len(lengths)] = values
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        if self.adapter is not None:
+            self.adapter_cache.keep_rows(rows)
+
+    def _stop_reason(self, tokens: list[int], pos: int, settings: DecodeSettings, eos: set[int]) -> str:
+        if tokens[-1] in eos:
+            return "eos"
+        if len(tokens) >= settings.max_new_tokens:
+            return "max_new_tokens"
+        if pos + 1 >= self.max_len:
+            return "cache_full"
+        return ""
 
     # ---- the loop --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, settings: DecodeSettings, eos: set[int], speculate: bool = True,
-                 callback: Callable[[list[int]], None] | None = None) -> tuple[list[int], GenerationStats]:
-        """Greedy decoding of ``prompt`` [1, n] int64; returns (new tokens, statistics)."""
-        n = prompt.shape[1]
-        if n + 1 > self.max_len:
-            raise ValueError(f"prompt of {n} tokens does not fit the cache of {self.max_len} positions "
-                             "(it needs prompt + 1)")
+                 callback: Callable[[list[int]], None] | None = None,
+                 generator: torch.Generator | None = None) -> tuple[list[int], GenerationStats]:
+        """Decode one prompt [1, n] int64; returns (new tokens, statistics)."""
+        on_tokens = None if callback is None else (lambda _index, new: callback(new))
+        return self.generate_batch([prompt[0]], settings, eos, speculate, on_tokens, generator)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[torch.Tensor], settings: DecodeSettings, eos: set[int],
+                       speculate: bool = True, callback: Callable[[int, list[int]], None] | None = None,
+                       generator: torch.Generator | None = None) -> list[tuple[list[int], GenerationStats]]:
+        """Decode prompts (1-D int64 tensors of any lengths) together; returns (new tokens, statistics) per prompt.
+
+        Greedy when ``settings.temperature == 0``, else lossless speculative sampling drawing from ``generator``.
+        ``callback(index, new_tokens)`` follows each sequence. A sequence's ``decode_s`` runs until it finished.
+        """
+        if not prompts:
+            raise ValueError("no prompts to decode")
+        lengths = [int(p.shape[0]) for p in prompts]
+        for n in lengths:
+            if n + 1 > self.max_len:
+                raise ValueError(f"prompt of {n} tokens does not fit the cache of {self.max_len} positions "
+                                 "(it needs prompt + 1)")
         if speculate and self.adapter is None:
             raise ValueError("speculative decoding needs an adapter: pass adapter=..., or speculate=False")
+        batch = len(prompts)
+        if batch > self.cache.batch:
+            self._allocate(batch, self.max_len, settings.max_draft_steps)
         if speculate and settings.max_draft_steps + 1 > self.shallow_states.shape[1]:
             self._grow_draft_buffer(settings.max_draft_steps)
-        stats = GenerationStats(prompt_tokens=n, dtype=str(self.w.dtype).replace("torch.", ""),
-                                device=str(self.w.device), mode="kangaroo" if speculate else "vanilla")
-        self.cache.reset()
+        self.cache.reset(batch)
         if self.adapter is not None:
-            self.adapter_cache.reset()
+            self.adapter_cache.reset(batch)
         exit_layer = settings.exit_layer if speculate else None
+        all_stats = [GenerationStats(prompt_tokens=n, dtype=str(self.w.dtype).replace("torch.", ""),
+                                     device=str(self.w.device), mode="kangaroo" if speculate else "vanilla")
+                     for n in lengths]
 
         start = time.perf_counter()
-        last = self.prefill(prompt, exit_layer)
-        stats.prefill_s = time.perf_counter() - start
-        tokens = [last]
-        if callback:
-            callback([last])
-        pos = n
+        padded = torch.zeros(batch, max(lengths), dtype=torch.int64, device=self.w.device)
+        for b, p in enumerate(prompts):
+            padded[b, :lengths[b]] = p
+        last = self._next_tokens(self.prefill(padded, lengths, exit_layer), settings, generator)
+        prefill_s = time.perf_counter() - start
+        for b, stats in enumerate(all_stats):
+            stats.prefill_s = prefill_s
+            if callback:
+                callback(b, [last[b]])
+        tokens = [[t] for t in last]
+        rows = list(range(batch))  # rows[r]: the prompt index decoded in cache row r
+        pos = list(lengths)
         start = time.perf_counter()
         while True:
-            if last in eos:
-                stats.stop_reason = "eos"
-                break
-            if len(tokens) >= settings.max_new_tokens:
-                stats.stop_reason = "max_new_tokens"
-                break
-            if pos + 1 >= self.max_len:
-                stats.stop_reason = "cache_full"
-                break
-            # room for k drafts: k + 1 new tokens within max_new_tokens and within the cache
-            budget = min(settings.max_draft_steps, settings.max_new_tokens - len(tokens) - 1, self.max_len - pos - 2)
-            if speculate and budget > 0:
-                drafts = self.draft(last, pos, settings, budget, eos)
-                targets = self.verify(pos, len(drafts), settings.exit_layer)
-            else:
-                drafts = []
-                x = self._layers(self.ops.embed(torch.tensor([[last]], device=self.w.device), self.w.embed),
-                                 pos, 0, self.cfg.num_layers)
-                targets = self._targets(x)[0].tolist()
-            accepted = self.accept(drafts, targets)
-            new = drafts[:accepted] + [targets[accepted]]
-            for j in range(len(drafts)):
-                if j >= len(stats.drafted_at):
-                    stats.drafted_at.append(0)
-                    stats.accepted_at.append(0)
-                stats.drafted_at[j] += 1
-                stats.accepted_at[j] += int(j < accepted)
-            stats.rounds += 1
-            stats.draft_steps += len(drafts)
-            for j, token in enumerate(new):
-                if token in eos:
-                    new = new[:j + 1]
+            reasons = [self._stop_reason(tokens[i], p, settings, eos) for i, p in zip(rows, pos)]
+            if any(reasons):
+                for i, reason in zip(rows, reasons):
+                    if reason:
+                        all_stats[i].stop_reason = reason
+                        all_stats[i].decode_s = time.perf_counter() - start
+                keep = [r for r, reason in enumerate(reasons) if not reason]
+                if not keep:
                     break
-            pos = self.commit(pos, accepted)
-            last = new[-1]
-            tokens.extend(new)
-            if callback:
-                callback(new)
-        stats.decode_s = time.perf_counter() - start
-        stats.new_tokens = len(tokens)
-        return tokens, stats
+                self._keep_rows(keep)
+                rows, pos, last = ([values[r] for r in keep] for values in (rows, pos, last))
+            # room for k drafts: k + 1 new tokens within max_new_tokens and within the cache
+            budget = [min(settings.max_draft_steps, settings.max_new_tokens - len(tokens[i]) - 1,
+                          self.max_len - p - 2) for i, p in zip(rows, pos)]
+            if speculate and max(budget) > 0:
+                drafts, q = self.draft(last, pos, settings, budget, eos, generator)
+                x = self.verify(pos, max(len(d) for d in drafts), settings.exit_layer)
+            else:
+                drafts, q = [[] for _ in rows], None
+                ids = torch.tensor(last, device=self.w.device)[:, None]
+                x = self._layers(self.ops.embed(ids, self.w.embed), self._starts(pos), 0, self.cfg.num_layers)
+            emitted = self._accept_round(x, drafts, q, settings, generator)
+            for r, (i, new) in enumerate(zip(rows, emitted)):
+                self._record(all_stats[i], len(drafts[r]), len(new) - 1)
+                for j, token in enumerate(new):
+                    if token in eos:
+                        new = new[:j + 1]
+                        break
+                tokens[i].extend(new)
+                last[r] = new[-1]
+                if callback:
+                    callback(i, new)
+            pos = self.commit(pos, [len(new) for new in emitted])
+        for stats, new in zip(all_stats, tokens):
+            stats.new_tokens = len(new)
+        return list(zip(tokens, all_stats))
+
+    def _accept_round(self, x: torch.Tensor, drafts: list[list[int]], q: torch.Tensor | None,
+                      settings: DecodeSettings, generator: torch.Generator | None) -> list[list[int]]:
+        """Per sequence, the accepted drafts plus one token, from the deep states x [B, K + 1, H]."""
+        if settings.greedy:
+            targets = self._targets(x).tolist()
+            out = []
+            for d, t in zip(drafts, targets):
+                accepted = self.accept(d, t)
+                out.append(d[:accepted] + [t[accepted]])
+            return out
+        p = self._target_probs(x, settings)
+        k = p.shape[1] - 1
+        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=p.device)
+        counts = torch.tensor([len(d) for d in drafts], dtype=torch.int64, device=p.device)
+        q = p.new_zeros(len(drafts), 0, p.shape[-1]) if q is None else q[:, :k]
+        accepted, token = speculative_accept(padded.view(len(drafts), k), counts, q, p, generator)
+        return [d[:a] + [t] for d, a, t in zip(drafts, accepted.tolist(), token.tolist())]
+
+    @staticmethod
+    def _record(stats: GenerationStats, drafted: int, accepted: int) -> None:
+        for j in range(drafted):
+            if j >= len(stats.drafted_at):
+                stats.drafted_at.append(0)
+                stats.accepted_at.append(0)
+            stats.drafted_at[j] += 1
+            stats.accepted_at[j] += int(j < accepted)
+        stats.rounds += 1
+        stats.draft_steps += drafted

@@ -182,25 +182,25 @@ def test_phases_by_hand_reproduce_generate():
     eng.cache.reset()
     eng.adapter_cache.reset()
     with torch.no_grad():
-        last = eng.prefill(ids, exit_layer=4)
+        last = eng._next_tokens(eng.prefill(ids, [9], exit_layer=4), settings, None)
         assert eng.cache.lengths.tolist() == [9]
-        tokens, pos = [last], 9
+        tokens, pos = list(last), [9]
         partial = False
         while len(tokens) < 25:
             budget = min(3, 25 - len(tokens) - 1)
-            drafts = eng.draft(last, pos, settings, budget, set())
-            assert len(drafts) == budget  # threshold 0: always the full budget
-            targets = eng.verify(pos, len(drafts), 4)
+            (drafts,), q = eng.draft(last, pos, settings, [budget], set())
+            assert len(drafts) == budget and q is None  # threshold 0: always the full budget; greedy: no q
+            (targets,) = eng._targets(eng.verify(pos, len(drafts), 4)).tolist()
             assert len(targets) == len(drafts) + 1
             accepted = Engine.accept(drafts, targets)
             partial |= 0 < accepted < len(drafts)
-            pos = eng.commit(pos, accepted)
-            assert eng.cache.lengths.tolist() == [pos] == eng.adapter_cache.lengths.tolist()
+            pos = eng.commit(pos, [accepted + 1])
+            assert eng.cache.lengths.tolist() == pos == eng.adapter_cache.lengths.tolist()
             new = drafts[:accepted] + [targets[accepted]]
             tokens.extend(new)
-            last = new[-1]
+            last = [new[-1]]
     assert tokens == expected
-    assert pos == 9 + len(tokens) - 1
+    assert pos == [9 + len(tokens) - 1]
     assert partial
 
 

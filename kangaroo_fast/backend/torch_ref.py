@@ -40,11 +40,15 @@ class TorchBackend:
     # ---- attention ---------------------------------------------------------------------------------------------
     @staticmethod
     def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, start: int, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                         v_cache: torch.Tensor, start: int | torch.Tensor, num_heads: int,
+                         num_kv_heads: int) -> torch.Tensor:
         """Split a fused [B, T, (Hq + 2 Hkv) D] projection, rotate q and k, write k and v at positions
         start..start+T-1 of the [B, Hkv, S_max, D] caches, and return q as [B, Hq, T, D].
 
-        ``cos``/``sin`` are [T, D] rows of the table for those positions, already in the activation dtype.
+        ``start`` is one int for the whole batch, with ``cos``/``sin`` the [T, D] rows of the table for those
+        positions; or a [B] int64 tensor of per-sequence starts, with ``cos``/``sin`` as [B, T, D] (row b holds
+        the table rows of positions start[b]..start[b]+T-1). With a tensor, positions at or beyond S_max are not
+        written: they are padding of a sequence whose tail runs past the cache. cos/sin are in the activation dtype.
         """
         bsz, t, _ = qkv.shape
         d = cos.shape[-1]
@@ -52,20 +56,34 @@ class TorchBackend:
         q = q.view(bsz, t, num_heads, d).transpose(1, 2)
         k = k.view(bsz, t, num_kv_heads, d).transpose(1, 2)
         v = v.view(bsz, t, num_kv_heads, d).transpose(1, 2)
+        if cos.ndim == 3:  # per-sequence rows: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        k_cache[:, :, start:start + t] = k
-        v_cache[:, :, start:start + t] = v
+        if isinstance(start, int):
+            k_cache[:, :, start:start + t] = k
+            v_cache[:, :, start:start + t] = v
+            return q
+        positions = start[:, None] + torch.arange(t, device=start.device)  # [B, T]
+        inside = positions < k_cache.shape[2]
+        rows = torch.arange(bsz, device=start.device)[:, None].expand(bsz, t)[inside]
+        k_cache[rows, :, positions[inside]] = k.transpose(1, 2)[inside]
+        v_cache[rows, :, positions[inside]] = v.transpose(1, 2)[inside]
         return q
 
     @staticmethod
-    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor,
                   sliding_window: int | None = None) -> torch.Tensor:
         """Causal attention of T queries at positions start..start+T-1 over cache positions 0..start+T-1.
 
         q: [B, Hq, T, D]; caches [B, Hkv, S_max, D]; returns [B, T, Hq * D]. The causal offset comes from
         ``start``: query i sees keys j <= start + i (and j > start + i - window with a sliding window).
+        ``start`` is an int for the whole batch or a [B] int64 tensor of per-sequence starts; then row b sees only
+        its own keys j <= start[b] + i, so nothing beyond a sequence's own positions (padding) is attended to.
+        Queries at or beyond S_max (padding, see ``rope_cache_write``) get unspecified finite outputs.
         """
+        if not isinstance(start, int):
+            return TorchBackend._attention_per_sequence(q, k_cache, v_cache, start, sliding_window)
         bsz, hq, t, d = q.shape
         end = start + t
         k = k_cache[:, :, :end]
@@ -90,6 +108,28 @@ class TorchBackend:
             v = _repeat_kv(v, groups)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=d ** -0.5,
                                              **gqa)
+        return out.transpose(1, 2).reshape(bsz, t, hq * d)
+
+    @staticmethod
+    def _attention_per_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
+                                sliding_window: int | None) -> torch.Tensor:
+        """``attention`` with a [B] tensor of starts: one boolean mask [B, 1, T, end] carries every row's offset.
+
+        The keys read stop at the batch's largest end (one host sync: the reference's only one per call)."""
+        bsz, hq, t, d = q.shape
+        s_max = k_cache.shape[2]
+        q_pos = start[:, None] + torch.arange(t, device=q.device)  # [B, T]
+        end = min(int(q_pos.max()) + 1, s_max)
+        q_pos = q_pos.clamp(max=end - 1)[:, :, None]  # padding queries past the cache see a full row, not none
+        k_pos = torch.arange(end, device=q.device)[None, None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        groups = hq // k_cache.shape[1]
+        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        if groups > 1:
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=d ** -0.5)
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
     # ---- heads -------------------------------------------------------------------------------------------------

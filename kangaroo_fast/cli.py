@@ -87,10 +87,10 @@ def cmd_bench(args) -> int:
     import kangaroo_fast as kf
     from . import benchmark
 
-    if args.quick:
-        args.per_category = args.per_category or QUICK["per_category"]
-        args.max_new_tokens = args.max_new_tokens or QUICK["max_new_tokens"]
-    args.max_new_tokens = args.max_new_tokens or 128
+    if args.max_new_tokens is None:
+        args.max_new_tokens = QUICK["max_new_tokens"] if args.quick else 128
+    if args.per_category is None and args.quick:
+        args.per_category = QUICK["per_category"]
     for name in ("per_category", "max_new_tokens", "prompt_lookup_tokens"):
         _check_positive(name, getattr(args, name))
     methods = benchmark.check_methods(args.methods)

@@ -572,3 +572,43 @@ def tune_markdown(result: dict) -> str:
                      f"| {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} | {b['drafts_per_round']:.2f} "
                      f"| {b['mismatches_vs_vanilla']} |")
     return "\n".join(lines) + "\n"
+
+
+# ---- README -------------------------------------------------------------------------------------------------------
+README_START = "<!-- bench:start: written by `kangaroo-fast bench --readme`, do not edit by hand -->"
+README_END = "<!-- bench:end -->"
+
+
+def check_readme(readme: Path) -> str:
+    """The README's text; an error unless it has one benchmark block (checked before a long run, not after)."""
+    readme = Path(readme)
+    if not readme.is_file():
+        raise FileNotFoundError(f"README {str(readme)!r} does not exist")
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or \
+            text.index(README_START) > text.index(README_END):
+        raise ValueError(f"{readme} needs one benchmark block: a line {README_START!r}, then a line {README_END!r}")
+    return text
+
+
+def update_readme(readme: Path, result: dict, paths: dict[str, Path]) -> None:
+    """Replace the block between README_START and README_END with the run's command, machine, tables and plot."""
+    readme = Path(readme)
+    text = check_readme(readme)
+    base = readme.resolve().parent
+    rel = {k: os.path.relpath(Path(p).resolve(), base) for k, p in paths.items()}
+    m = result["machine"]
+    commit = (m.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if m.get("dirty") else "")
+    where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
+    block = "\n".join([
+        README_START,
+        f"`{result['command']}` on {where}; {result['model']}, {len(result['records']) // len(result['methods'])} "
+        f"prompts; commit {commit}; torch {m['torch']}, transformers {m['transformers']}. "
+        f"Results: [`{rel['json']}`]({rel['json']}).",
+        "",
+        markdown_table(result).rstrip("\n"),
+        "",
+        f"![speedup over HF greedy per category]({rel['plot']})",
+        README_END])
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + block + rest.split(README_END, 1)[1], encoding="utf-8")

@@ -94,6 +94,8 @@ def cmd_bench(args) -> int:
     for name in ("per_category", "max_new_tokens", "prompt_lookup_tokens"):
         _check_positive(name, getattr(args, name))
     methods = benchmark.check_methods(args.methods)
+    if args.readme is not None:
+        benchmark.check_readme(args.readme)
     samples = _bench_samples(args, all_turns=not (args.quick or args.first_turn))
     model = kf.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
     result = benchmark.run_benchmark(model, samples, methods, args.max_new_tokens, _settings(args),
@@ -103,6 +105,8 @@ def cmd_bench(args) -> int:
               "machine": benchmark.machine_info(), **result}
     stem = args.name or ("bench-quick" if args.quick else "bench") + "-" + result["settings"]["device"].split(":")[0]
     paths = benchmark.write_results(result, Path(args.output_dir), stem)
+    if args.readme is not None:
+        benchmark.update_readme(args.readme, result, paths)
     print(benchmark.markdown_table(result))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -205,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=None)
     bench.add_argument("--max-draft-steps", type=int, default=None)
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    bench.add_argument("--readme", type=Path, default=None,
+                       help="rewrite this README's benchmark block with the run's tables, plot and command")
     bench.set_defaults(func=cmd_bench)
 
     tune = sub.add_parser("tune", help="speedup over a grid of thresholds, draft steps and adapters")

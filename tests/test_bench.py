@@ -289,3 +289,28 @@ def test_tune_grid(tiny):
     assert table.splitlines()[-1].startswith("| overall |")
     with pytest.raises(ValueError, match="at least one"):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [], [2], max_new_tokens=6, encode=byte_encoder)
+
+
+def test_readme_block_is_rewritten(tiny_result, tmp_path):
+    result = {"command": "kangaroo-fast bench --quick", "model": "tiny-llama", "machine": benchmark.machine_info(),
+              **tiny_result}
+    paths = benchmark.write_results(result, tmp_path / "bench" / "results", "bench-quick-cpu")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{benchmark.README_START}\nold numbers\n{benchmark.README_END}\nafter\n")
+    benchmark.update_readme(readme, result, paths)
+    text = readme.read_text()
+    assert "old numbers" not in text
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{benchmark.README_END}\nafter\n")
+    assert "`kangaroo-fast bench --quick`" in text and "4 prompts" in text
+    assert "(bench/results/bench-quick-cpu.json)" in text and "](bench/results/bench-quick-cpu.png)" in text
+    assert benchmark.markdown_table(result).splitlines()[2] in text
+    benchmark.update_readme(readme, result, paths)  # a second run replaces the block again, once
+    assert readme.read_text() == text
+
+
+def test_readme_without_block_fails_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(kf, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block here\n")
+    assert cli.main(["bench", "--readme", str(readme)]) == 2
+    assert "needs one benchmark block" in capsys.readouterr().err

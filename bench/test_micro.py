@@ -145,7 +145,7 @@ def test_step(benchmark, recorder, device, dtype, shape, step, provider):
     else:
         n = engine.cfg.num_layers - l
         bytes_moved = _weight_bytes(engine, l, None) + n * kv_read + harness.tensor_bytes(engine.w.lm_head)
-        case = f"{n} layers, T={T}"
+        case = f"{n} layer{'s' if n != 1 else ''}, T={T}"
     with torch.no_grad():
         if provider != "torch":
             expected = step_fn(engine_for(shape, "torch", dtype, device))()

@@ -453,15 +453,25 @@ def markdown_table(result: dict) -> str:
     for m, reason in result.get("unavailable", {}).items():
         lines.append(f"| {METHOD_LABELS[m]} | not available on this platform: {reason} | | | | | | |")
     categories = [c for c in summary if c != "overall"] + ["overall"]
-    lines += ["", "Speedup over HF greedy (tokens/s ratio) and #MAT per category:", "",
-              "| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    header = ["| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    lines += ["", "Speedup over HF greedy (tokens/s ratio) and #MAT per category:", "", *header]
     for m in methods:
         cells = [f"{_fmt(summary[c][m]['speedup_vs_hf'])} ({_fmt(summary[c][m]['mean_accepted'])})"
                  for c in categories]
         lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Tokens/s per category:", "", *header]
+    for m in methods:
+        lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(f"{summary[c][m]['tokens_per_s']:.1f}"
+                                                             for c in categories) + " |")
     s = result["settings"]
-    notes = [f"{s['dtype']} on {s['device']}, max_new_tokens={s['max_new_tokens']}, exit layer {s['exit_layer']}, "
-             f"η={s['threshold']}, γ={s['max_draft_steps']}, prompt lookup {s['prompt_lookup_num_tokens']} tokens."]
+    notes = [f"{s['dtype']} on {s['device']}, max_new_tokens={s['max_new_tokens']}"]
+    if {"kangaroo", "hf_early_exit"} & set(methods):
+        notes[0] += f", exit layer {s['exit_layer']}"
+    if "kangaroo" in methods:
+        notes[0] += f", η={s['threshold']}, γ={s['max_draft_steps']}"
+    if "hf_prompt_lookup" in methods:
+        notes[0] += f", prompt lookup {s['prompt_lookup_num_tokens']} tokens"
+    notes[0] += "."
     if result.get("compile_s") is not None and "hf_compile" in methods:
         notes.append(f"torch.compile warm-up (not in the timings): {result['compile_s']:.1f} s.")
     mismatched = [m for m in methods if overall[m]["mismatches"]]

@@ -46,7 +46,8 @@ def op_inputs(engine, op, case):
         ids = torch.randint(0, c.vocab_size, (1, t), generator=gen).to(dev)
         return (ids, w.embed), 2 * x.numel() * x.element_size()
     if op == "rms_norm":
-        return (x, layer.input_norm, c.rms_norm_eps), 2 * harness.tensor_bytes(x) + harness.tensor_bytes(layer.input_norm)
+        bytes_moved = 2 * harness.tensor_bytes(x) + harness.tensor_bytes(layer.input_norm)
+        return (x, layer.input_norm, c.rms_norm_eps), bytes_moved
     if op == "linear":
         weight = layer.w_o if case.startswith("o ") else layer.w_qkv
         x = x[..., :weight.shape[1]].contiguous()

@@ -5,7 +5,7 @@ prompt (the order rotating from prompt to prompt) so that machine drift hits all
 
     hf              HF ``generate``, greedy: the baseline every speedup is quoted against
     hf_compile      HF ``generate`` with a static cache and a ``torch.compile``-d forward (compile time apart)
-    hf_early_exit   HF assisted generation with ``assistant_early_exit`` at the Kangaroo exit layer
+    hf_early_exit   HF assisted generation with ``assistant_early_exit`` at the Kangaroo exit layer (and its γ, η)
     hf_prompt_lookup HF prompt-lookup decoding
     vanilla         this engine without drafting
     kangaroo        this engine with Kangaroo drafting
@@ -233,7 +233,12 @@ class Methods:
         return self._hf_generate(ids)
 
     def hf_early_exit(self, ids):
-        return self._hf_generate(ids, assistant_early_exit=self.settings["exit_layer"])
+        """Self-speculation without an adapter, with Kangaroo's own settings: at most γ drafts per round, drafting
+        stops below η, and a constant schedule (HF's adaptive ones carry state from call to call)."""
+        return self._hf_generate(ids, assistant_early_exit=self.settings["exit_layer"],
+                                 num_assistant_tokens=self.settings["max_draft_steps"],
+                                 assistant_confidence_threshold=self.settings["threshold"],
+                                 num_assistant_tokens_schedule="constant")
 
     def hf_prompt_lookup(self, ids):
         return self._hf_generate(ids, prompt_lookup_num_tokens=self.prompt_lookup_tokens)
@@ -261,7 +266,8 @@ class Methods:
                 self.hf_compile(ids)
         except Exception as err:  # noqa: BLE001 - any compiler failure means "not available here", recorded
             self.compiled_forward = None
-            self.unavailable["hf_compile"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            first_line = str(err).splitlines()[0][:300] if str(err) else ""
+            self.unavailable["hf_compile"] = f"{type(err).__name__}: {first_line}"
         self.compile_s = time.perf_counter() - start
 
     def hf_compile(self, ids):
@@ -581,6 +587,14 @@ def tune_markdown(result: dict) -> str:
         lines.append(f"| {category} | {b['adapter']} | {b['exit_layer']} | {b['threshold']} | {b['max_draft_steps']} "
                      f"| {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} | {b['drafts_per_round']:.2f} "
                      f"| {b['mismatches_vs_vanilla']} |")
+    lines += ["", "Every setting, overall (fastest first):", "",
+              "| adapter | exit layer | η | γ | × vanilla | #MAT | drafts/round | ≠ vanilla |",
+              "|---|---|---|---|---|---|---|---|"]
+    overall = sorted((r for r in result["rows"] if r["category"] == "overall"), key=lambda r: -r["speedup_vs_vanilla"])
+    for r in overall:
+        lines.append(f"| {r['adapter']} | {r['exit_layer']} | {r['threshold']} | {r['max_draft_steps']} "
+                     f"| {r['speedup_vs_vanilla']:.2f} | {r['mean_accepted']:.2f} | {r['drafts_per_round']:.2f} "
+                     f"| {r['mismatches_vs_vanilla']} |")
     return "\n".join(lines) + "\n"
 
 

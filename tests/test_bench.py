@@ -285,8 +285,12 @@ def test_tune_grid(tiny):
     for category, best in result["best"].items():
         same = [r for r in result["rows"] if r["category"] == category]
         assert best["speedup_vs_vanilla"] == max(r["speedup_vs_vanilla"] for r in same)
-    table = benchmark.tune_markdown(result)
-    assert table.splitlines()[-1].startswith("| overall |")
+    table = benchmark.tune_markdown(result).splitlines()
+    assert table[2 + len(result["best"]) - 1].startswith("| overall |")
+    grid = table[table.index("Every setting, overall (fastest first):") + 4:]
+    assert len(grid) == 4
+    speedups = [float(line.split("|")[5]) for line in grid]
+    assert speedups == sorted(speedups, reverse=True)
     with pytest.raises(ValueError, match="at least one"):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [], [2], max_new_tokens=6, encode=byte_encoder)
 

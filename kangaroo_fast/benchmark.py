@@ -388,6 +388,10 @@ def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS
 
     return {"methods": active, "unavailable": runner.unavailable, "compile_s": runner.compile_s,
             "settings": {**settings, "max_new_tokens": max_new_tokens, "prompt_lookup_num_tokens": prompt_lookup_tokens,
+                         "hf_early_exit": {"num_assistant_tokens": settings["max_draft_steps"],
+                                           "assistant_confidence_threshold": settings["threshold"],
+                                           "num_assistant_tokens_schedule": "constant"},
+                         "static_cache_len": runner.static_cache_len,
                          "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)},
             "summary": summarise(records, active), "records": records}
 

@@ -318,3 +318,27 @@ def test_readme_without_block_fails_before_the_run(tmp_path, capsys, monkeypatch
     readme.write_text("# no block here\n")
     assert cli.main(["bench", "--readme", str(readme)]) == 2
     assert "needs one benchmark block" in capsys.readouterr().err
+
+
+def test_micro_harness_statistics(monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_harness", PROMPTS.parent / "harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, harness)  # dataclasses look their module up there
+    spec.loader.exec_module(harness)
+    m = harness.Measurement.from_times([4.0, 1.0, 3.0, 2.0, 5.0], 2_000_000, op="linear", case="T=1",
+                                       shape="s", provider="torch", device="cpu", dtype="float32")
+    assert (m.median_ms, m.min_ms, m.max_ms, m.rounds) == (3.0, 1.0, 5.0, 5)
+    assert m.iqr_ms == pytest.approx(4.5 - 1.5)  # quartiles of 1..5 (exclusive method)
+    assert m.gbps == pytest.approx(2e6 / 3e-3 / 1e9)
+    assert harness.Measurement.from_times([2.0], None, op="accept", case="k=6", shape="s", provider="torch",
+                                          device="cpu", dtype="float32").gbps is None
+    calls = []
+    times = harness.time_op(lambda: calls.append(1), torch.device("cpu"))
+    assert harness.MIN_ROUNDS <= len(times) <= harness.MAX_ROUNDS and len(calls) == len(times) + 2
+    assert harness.tensor_bytes(torch.zeros(3, 5), torch.zeros(7, dtype=torch.bfloat16), None) == 3 * 5 * 4 + 14
+    assert harness.providers()[0] == "torch"
+    cos, sin = harness.rope_table(9, 6)
+    assert torch.allclose(cos ** 2 + sin ** 2, torch.ones(9, 6)) and torch.equal(cos[:, :3], cos[:, 3:])

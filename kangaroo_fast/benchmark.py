@@ -341,7 +341,12 @@ def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS
         raise ValueError("no prompts to benchmark")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if not isinstance(prompt_lookup_tokens, int) or prompt_lookup_tokens < 1:
+        raise ValueError(f"prompt_lookup_tokens={prompt_lookup_tokens!r} must be an integer >= 1")
     settings = {**model.default_settings(), **(settings or {})}
+    from .config import DecodeSettings
+
+    DecodeSettings(**settings, max_new_tokens=max_new_tokens).validate(model.config.num_layers)  # before any run
     if "kangaroo" in methods and model.adapter is None:
         raise ValueError("the kangaroo method needs a model with an adapter")
     encode = encode or chat_encoder(model)
@@ -481,7 +486,8 @@ def markdown_table(result: dict) -> str:
         notes[0] += f", η={s['threshold']}, γ={s['max_draft_steps']}"
     if "hf_prompt_lookup" in methods:
         notes[0] += f", prompt lookup {s['prompt_lookup_num_tokens']} tokens"
-    notes[0] += "."
+    notes[0] += (". tokens/s: all new tokens over all seconds of the generate calls (prefill included); "
+                 "#MAT: tokens per target forward after the prefill.")
     if result.get("compile_s") is not None and "hf_compile" in methods:
         notes.append(f"torch.compile warm-up (not in the timings): {result['compile_s']:.1f} s.")
     mismatched = [m for m in methods if overall[m]["mismatches"]]

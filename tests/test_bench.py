@@ -238,6 +238,12 @@ def test_runner_rejects_bad_input(tiny):
         benchmark.run_benchmark(tiny, [], encode=byte_encoder)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         benchmark.run_benchmark(tiny, SAMPLES, ["hf"], max_new_tokens=0, encode=byte_encoder)
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        benchmark.run_benchmark(tiny, SAMPLES, ["hf", "kangaroo"], settings={"threshold": 1.5}, encode=byte_encoder)
+    with pytest.raises(ValueError, match="exit_layer=9"):
+        benchmark.run_benchmark(tiny, SAMPLES, ["hf"], settings={"exit_layer": 9}, encode=byte_encoder)
+    with pytest.raises(ValueError, match="prompt_lookup_tokens=0"):
+        benchmark.run_benchmark(tiny, SAMPLES, ["hf"], prompt_lookup_tokens=0, encode=byte_encoder)
     bare = kf.KangarooModel(tiny.hf_model, None, None)
     with pytest.raises(ValueError, match="kangaroo method needs a model with an adapter"):
         benchmark.run_benchmark(bare, SAMPLES, ["hf", "kangaroo"], encode=byte_encoder)

@@ -548,6 +548,14 @@ def run_tune(models: dict[str, object], samples: list[Sample], thresholds: Itera
     if not models or not thresholds or not steps:
         raise ValueError("tune needs at least one adapter, one threshold and one max_draft_steps value")
     grid = list(itertools.product(models, thresholds, steps))
+    from .config import DecodeSettings
+
+    for name, threshold, max_steps in grid:  # a bad value fails here, not half-way through the sweep
+        model = models[name]
+        if model.adapter is None:
+            raise ValueError(f"tune: the model for {name!r} has no adapter")
+        DecodeSettings(model.adapter.config.exit_layer, threshold, max_steps,
+                       max_new_tokens).validate(model.config.num_layers)
     first = next(iter(models.values()))
     from tqdm.auto import tqdm
 

@@ -297,6 +297,10 @@ def test_tune_grid(tiny):
     assert len(grid) == 4
     speedups = [float(line.split("|")[5]) for line in grid]
     assert speedups == sorted(speedups, reverse=True)
+    with pytest.raises(ValueError, match="threshold=2.0"):
+        benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5, 2.0], [2], max_new_tokens=6, encode=byte_encoder)
+    with pytest.raises(ValueError, match="max_draft_steps=0"):
+        benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5], [0], max_new_tokens=6, encode=byte_encoder)
     with pytest.raises(ValueError, match="at least one"):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [], [2], max_new_tokens=6, encode=byte_encoder)
 

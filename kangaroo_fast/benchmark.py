@@ -641,7 +641,8 @@ def update_readme(readme: Path, result: dict, paths: dict[str, Path]) -> None:
     rel = {k: os.path.relpath(Path(p).resolve(), base) for k, p in paths.items()}
     m = result["machine"]
     commit = (m.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if m.get("dirty") else "")
-    where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
+    threads = m["torch_threads"]
+    where = m.get("gpu") or f"{m['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
     block = "\n".join([
         README_START,
         f"`{result['command']}` on {where}; {result['model']}, {len(result['records']) // len(result['methods'])} "

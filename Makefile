@@ -26,6 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# Microbenchmarks (every backend op, a draft step and a verification step, SmolLM2-135M and Vicuna-7B shapes),
+# then the end-to-end comparison in its quick mode. Results: bench/results/micro-<device>.{json,md} and
+# bench/results/bench-quick-<device>.{json,md,png}. The full run: `$(PY) -m kangaroo_fast.cli bench`.
+bench: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider bench/test_micro.py --benchmark-columns=median,iqr,min,max,rounds \
+		--benchmark-sort=name
+	$(PY) -m kangaroo_fast.cli bench --quick --readme README.md
+
 train-default: $(STAMP)
 	$(PY) -m kangaroo_fast.cli train --recipe kangaroo_fast/train/default_recipe.json \
 		--output kangaroo_fast/adapters/smollm2-135m-instruct

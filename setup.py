@@ -25,7 +25,8 @@ setup(
         "train": ["accelerate"],
         "triton": ["triton"],
         "flash": ["flash-attn"],
-        "dev": ["pytest", "pytest-benchmark", "gguf>=0.10", "accelerate"],
+        "bench": ["pytest", "pytest-benchmark", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "matplotlib", "gguf>=0.10", "accelerate"],
     },
     entry_points={"console_scripts": ["kangaroo-fast=kangaroo_fast.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""kangaroo-fast generate | train"""
+"""kangaroo-fast generate | train | bench | tune"""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,109 @@ def cmd_train(args) -> int:
     return 0
 
 
+QUICK = {"per_category": 1, "max_new_tokens": 64}
+
+
+def _bench_samples(args, all_turns: bool):
+    from . import benchmark
+
+    if args.questions is not None:
+        return benchmark.per_category(benchmark.load_questions(args.questions), args.per_category)
+    return benchmark.per_category(benchmark.load_prompts(args.prompts, all_turns=all_turns), args.per_category)
+
+
+def _model_name(args) -> str:
+    from .models import DEFAULT_MODEL_NAME
+
+    return Path(args.model).name if args.model else f"{DEFAULT_MODEL_NAME} (embedded)"
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+
+
+def cmd_bench(args) -> int:
+    import kangaroo_fast as kf
+    from . import benchmark
+
+    if args.max_new_tokens is None:
+        args.max_new_tokens = QUICK["max_new_tokens"] if args.quick else 128
+    if args.per_category is None and args.quick:
+        args.per_category = QUICK["per_category"]
+    for name in ("per_category", "max_new_tokens", "prompt_lookup_tokens"):
+        _check_positive(name, getattr(args, name))
+    methods = benchmark.check_methods(args.methods)
+    if args.readme is not None:
+        benchmark.check_readme(args.readme)
+    samples = _bench_samples(args, all_turns=not (args.quick or args.first_turn))
+    model = kf.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    result = benchmark.run_benchmark(model, samples, methods, args.max_new_tokens, _settings(args),
+                                     prompt_lookup_tokens=args.prompt_lookup_tokens, progress=True)
+    result = {"command": "kangaroo-fast " + " ".join(args.argv),
+              "model": _model_name(args), "prompts": str(args.questions or args.prompts), "quick": args.quick,
+              "machine": benchmark.machine_info(), **result}
+    stem = args.name or ("bench-quick" if args.quick else "bench") + "-" + result["settings"]["device"].split(":")[0]
+    paths = benchmark.write_results(result, Path(args.output_dir), stem)
+    if args.readme is not None:
+        benchmark.update_readme(args.readme, result, paths)
+    print(benchmark.markdown_table(result))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import kangaroo_fast as kf
+    from . import benchmark
+
+    for name in ("per_category", "max_new_tokens", "held_out"):
+        _check_positive(name, getattr(args, name))
+    if args.held_out:
+        from .train.instructions import training_instructions
+
+        texts = training_instructions(args.skip + args.held_out)[args.skip:]
+        samples = [benchmark.Sample(f"held-out-{i}", "held-out", [t]) for i, t in enumerate(texts)]
+    else:
+        samples = _bench_samples(args, all_turns=False)
+    adapters = args.adapters or [None]
+    base = kf.load(args.model, adapter=adapters[0], dtype=args.dtype, device=args.device)
+    if base.adapter is None:
+        raise ValueError("tune needs an adapter: pass --adapters DIR [DIR ...]")
+    models = {str(adapters[0] or "shipped"): base}
+    for path in adapters[1:]:
+        models[str(path)] = kf.KangarooModel(base.hf_model, base.tokenizer, kf.Adapter.load(path, base.config))
+    result = benchmark.run_tune(models, samples, args.thresholds, args.steps, args.max_new_tokens,
+                                benchmark.chat_encoder(base), progress=True)
+    result = {"command": "kangaroo-fast " + " ".join(args.argv), "model": _model_name(args),
+              "prompts": "held-out training instructions" if args.held_out else str(args.questions or args.prompts),
+              "machine": benchmark.machine_info(), **result}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "tune-" + result["device"].split(":")[0]
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(benchmark.tune_markdown(result))
+    print(benchmark.tune_markdown(result))
+    print(f"written: {out / (stem + '.json')}, {out / (stem + '.md')}")
+    return 0
+
+
+def _add_model_args(parser) -> None:
+    parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None)
+
+
+def _add_prompt_args(parser, default_output: str) -> None:
+    from .benchmark import DEFAULT_OUTPUT_DIR, DEFAULT_PROMPTS
+
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt set (id, category, turns)")
+    parser.add_argument("--questions", type=Path, default=None,
+                        help="a Spec-Bench question.jsonl (first turn of each) instead of --prompts")
+    parser.add_argument("--per-category", type=int, default=None, help="at most this many prompts per category")
+    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
+    parser.add_argument("--name", default=None, help=f"file stem of the results (default: {default_output})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kangaroo-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,11 +197,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-instructions", type=int, default=None)
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(func=cmd_train)
+
+    from .benchmark import METHODS
+
+    bench = sub.add_parser("bench", help="end-to-end comparison with HF generate and its speculative methods")
+    _add_model_args(bench)
+    bench.add_argument("--adapter", default=None, help="adapter directory (official Kangaroo format)")
+    _add_prompt_args(bench, "bench[-quick]-DEVICE")
+    bench.add_argument("--quick", action="store_true",
+                       help=f"{QUICK['per_category']} prompt per category, first turn, "
+                            f"{QUICK['max_new_tokens']} new tokens (unless given)")
+    bench.add_argument("--first-turn", action="store_true", help="only the first turn of multi-turn prompts")
+    bench.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (quick: 64)")
+    bench.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {' '.join(METHODS)}")
+    bench.add_argument("--exit-layer", type=int, default=None)
+    bench.add_argument("--threshold", type=float, default=None)
+    bench.add_argument("--max-draft-steps", type=int, default=None)
+    bench.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    bench.add_argument("--readme", type=Path, default=None,
+                       help="rewrite this README's benchmark block with the run's tables, plot and command")
+    bench.set_defaults(func=cmd_bench)
+
+    tune = sub.add_parser("tune", help="speedup over a grid of thresholds, draft steps and adapters")
+    _add_model_args(tune)
+    tune.add_argument("--adapters", nargs="+", default=None, help="adapter directories (default: the shipped one)")
+    _add_prompt_args(tune, "tune-DEVICE")
+    tune.add_argument("--held-out", type=int, default=None,
+                      help="tune on this many held-out training instructions instead of a prompt set")
+    tune.add_argument("--skip", type=int, default=1000, help="training instructions the adapter saw (seed 0)")
+    tune.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.45, 0.6, 0.75])
+    tune.add_argument("--steps", nargs="+", type=int, default=[4, 6])
+    tune.add_argument("--max-new-tokens", type=int, default=96)
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as err:

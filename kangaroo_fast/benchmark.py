@@ -1,0 +1,657 @@
+"""End-to-end benchmark (``kangaroo-fast bench``) and settings sweep (``kangaroo-fast tune``).
+
+Six methods decode the same prompts with the same model, dtype and ``max_new_tokens``, one after another for each
+prompt (the order rotating from prompt to prompt) so that machine drift hits all of them alike:
+
+    hf              HF ``generate``, greedy: the baseline every speedup is quoted against
+    hf_compile      HF ``generate`` with a static cache and a ``torch.compile``-d forward (compile time apart)
+    hf_early_exit   HF assisted generation with ``assistant_early_exit`` at the Kangaroo exit layer (and its γ, η)
+    hf_prompt_lookup HF prompt-lookup decoding
+    vanilla         this engine without drafting
+    kangaroo        this engine with Kangaroo drafting
+
+Definitions (per method, per category and overall):
+    tokens/s        new tokens / wall-clock seconds of the generate calls (prefill included)
+    speedup         tokens/s of the method / tokens/s of ``hf`` (or of ``vanilla``), on the same prompts
+    #MAT            mean tokens per target forward after the prefill: (new tokens - 1) / (target forwards - 1);
+                    1.0 for greedy decoding. Target forwards of HF methods are counted by a hook on the last decoder
+                    layer (an early-exit draft never reaches it); Kangaroo's are its verification rounds.
+    acceptance      per draft position j: rounds that accepted a (j+1)-th draft / rounds that proposed one
+    equality        every method's tokens are compared with ``hf``'s; a differing output is flagged, with the
+                    index of its first differing token.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import platform
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROMPTS = ROOT / "bench" / "prompts.jsonl"
+DEFAULT_OUTPUT_DIR = ROOT / "bench" / "results"
+
+METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo")
+METHOD_LABELS = {"hf": "HF greedy", "hf_compile": "HF static+compile", "hf_early_exit": "HF early-exit assisted",
+                 "hf_prompt_lookup": "HF prompt lookup", "vanilla": "kangaroo_fast vanilla",
+                 "kangaroo": "kangaroo_fast Kangaroo"}
+GREEDY_METHODS = ("hf", "hf_compile", "vanilla")
+
+
+# ---- prompts ------------------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One benchmark item: an id, a category and its user turns (only the first is used unless asked)."""
+
+    id: str
+    category: str
+    turns: list[str]
+
+
+def _parse_jsonl(path: Path, id_key: str) -> list[Sample]:
+    """Read ``path`` line by line; every problem is reported as ``path:line: what is wrong``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"questions file {str(path)!r} does not exist")
+    samples = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if id_key not in row:
+            raise ValueError(f"{where}: missing {id_key!r}")
+        if not isinstance(row[id_key], (int, str)) or isinstance(row[id_key], bool):
+            raise ValueError(f"{where}: {id_key!r} must be an integer or a string, got {row[id_key]!r}")
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: 'turns' must be a non-empty list of strings, got {turns!r}")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, str) or not turn.strip():
+                raise ValueError(f"{where}: turn {i} must be a non-empty string, got {turn!r}")
+        category = row.get("category", "questions")
+        if not isinstance(category, str) or not category.strip():
+            raise ValueError(f"{where}: 'category' must be a non-empty string, got {category!r}")
+        sample_id = str(row[id_key])
+        if sample_id in seen:
+            raise ValueError(f"{where}: {id_key} {sample_id!r} repeats line {seen[sample_id]}")
+        seen[sample_id] = number
+        samples.append(Sample(sample_id, category, list(turns)))
+    if not samples:
+        raise ValueError(f"{path}: no questions in the file")
+    return samples
+
+
+def load_questions(path: str | Path) -> list[Sample]:
+    """A Spec-Bench ``question.jsonl`` (``question_id``, ``category``, ``turns``): the first turn of each."""
+    return [Sample(s.id, s.category, s.turns[:1]) for s in _parse_jsonl(Path(path), "question_id")]
+
+
+def load_prompts(path: str | Path = DEFAULT_PROMPTS, all_turns: bool = True) -> list[Sample]:
+    """This project's prompt set (``id``, ``category``, ``turns``); only the first turns unless ``all_turns``."""
+    samples = _parse_jsonl(Path(path), "id")
+    return samples if all_turns else [Sample(s.id, s.category, s.turns[:1]) for s in samples]
+
+
+def per_category(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """The first ``limit`` samples of each category, in file order (all of them for None)."""
+    if limit is None:
+        return samples
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"per_category={limit!r} must be an integer >= 1")
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for sample in samples:
+        if taken[sample.category] < limit:
+            taken[sample.category] += 1
+            chosen.append(sample)
+    return chosen
+
+
+# ---- machine ------------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    """The machine, library versions and the git commit, for every results file."""
+    import transformers
+
+    info = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT, timeout=10)
+        commit = run("rev-parse", "HEAD").stdout.strip() or None
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    info.update(commit=commit, dirty=dirty)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- methods ------------------------------------------------------------------------------------------------------
+@dataclass
+class MethodResult:
+    tokens: list[int]
+    seconds: float
+    target_forwards: int | None = None  # including the prefill
+    rounds: int | None = None
+    draft_steps: int | None = None
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+
+class _ForwardCounter:
+    """Counts forwards of the last decoder layer: full-model (target) forwards, never early-exit drafts."""
+
+    def __init__(self, hf_model):
+        self.count = 0
+        self.layer = hf_model.model.layers[-1]
+
+    def _hook(self, *_):
+        self.count += 1
+
+    @contextlib.contextmanager
+    def counting(self):
+        self.count = 0
+        handle = self.layer.register_forward_hook(self._hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+class Methods:
+    """The six ways to decode a prompt, each returning the new tokens, its wall time and its statistics."""
+
+    def __init__(self, model, max_new_tokens: int, settings: dict, prompt_lookup_tokens: int = 10):
+        self.model = model
+        self.hf = model.hf_model
+        self.max_new_tokens = max_new_tokens
+        self.settings = dict(settings)
+        self.prompt_lookup_tokens = prompt_lookup_tokens
+        eos = sorted(model.eos_ids())
+        pad = self.hf.generation_config.pad_token_id
+        self.hf_kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "eos_token_id": eos or None,
+                          "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+                          "temperature": None, "top_p": None, "top_k": None}
+        self.counter = _ForwardCounter(self.hf)
+        self.compiled_forward = None
+        self.compile_s: float | None = None
+        self.static_cache_len: int | None = None
+        self.unavailable: dict[str, str] = {}
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _timed(self, fn: Callable):
+        self._sync()
+        start = time.perf_counter()
+        out = fn()
+        self._sync()
+        return out, time.perf_counter() - start
+
+    def _hf_generate(self, ids: torch.Tensor, count: bool = True, **extra) -> MethodResult:
+        kwargs = {**self.hf_kwargs, **extra}
+        mask = torch.ones_like(ids)
+        with torch.no_grad(), (self.counter.counting() if count else contextlib.nullcontext()):
+            out, seconds = self._timed(lambda: self.hf.generate(ids, attention_mask=mask, **kwargs))
+        return MethodResult(out[0, ids.shape[1]:].tolist(), seconds,
+                            target_forwards=self.counter.count if count else None)
+
+    def hf_greedy(self, ids):
+        return self._hf_generate(ids)
+
+    def hf_early_exit(self, ids):
+        """Self-speculation without an adapter, with Kangaroo's own settings: at most γ drafts per round, drafting
+        stops below η, and a constant schedule (HF's adaptive ones carry state from call to call)."""
+        return self._hf_generate(ids, assistant_early_exit=self.settings["exit_layer"],
+                                 num_assistant_tokens=self.settings["max_draft_steps"],
+                                 assistant_confidence_threshold=self.settings["threshold"],
+                                 num_assistant_tokens_schedule="constant")
+
+    def hf_prompt_lookup(self, ids):
+        return self._hf_generate(ids, prompt_lookup_num_tokens=self.prompt_lookup_tokens)
+
+    @contextlib.contextmanager
+    def _compiled(self):
+        """Swap the compiled forward in for one call, so that no other method runs it."""
+        self.hf.forward = self.compiled_forward
+        try:
+            yield
+        finally:
+            del self.hf.forward
+
+    def prepare_compile(self, warmup_ids: list[torch.Tensor], static_cache_len: int) -> None:
+        """Compile the forward and warm it up on ``warmup_ids`` (two prompt lengths, so that later prompts reuse a
+        dynamic-length prefill graph); the static cache has ``static_cache_len`` positions for every call, so it
+        never changes shape. The time spent is ``compile_s``. Where the platform cannot compile, the reason is
+        kept in ``unavailable`` and the method is skipped."""
+        self.static_cache_len = static_cache_len
+        start = time.perf_counter()
+        try:
+            mode = "reduce-overhead" if self.model.device.type == "cuda" else "default"
+            self.compiled_forward = torch.compile(self.hf.forward, mode=mode)
+            for ids in warmup_ids:
+                self.hf_compile(ids)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means "not available here", recorded
+            self.compiled_forward = None
+            first_line = str(err).splitlines()[0][:300] if str(err) else ""
+            self.unavailable["hf_compile"] = f"{type(err).__name__}: {first_line}"
+        self.compile_s = time.perf_counter() - start
+
+    def hf_compile(self, ids):
+        if self.compiled_forward is None:
+            raise RuntimeError("hf_compile needs prepare_compile() first")
+        with self._compiled():
+            result = self._hf_generate(ids, count=False, cache_implementation="static",
+                                         max_cache_len=self.static_cache_len, disable_compile=True)
+        result.target_forwards = len(result.tokens)  # greedy: one forward per token
+        return result
+
+    def _engine(self, ids, speculate: bool) -> MethodResult:
+        settings = self.settings if speculate else {}
+        out, seconds = self._timed(lambda: self.model.generate(ids, max_new_tokens=self.max_new_tokens,
+                                                               speculate=speculate, **settings))
+        s = out.stats
+        return MethodResult(out.tokens, seconds, target_forwards=s.rounds + 1, rounds=s.rounds,
+                            draft_steps=s.draft_steps, drafted_at=list(s.drafted_at), accepted_at=list(s.accepted_at))
+
+    def vanilla(self, ids):
+        return self._engine(ids, speculate=False)
+
+    def kangaroo(self, ids):
+        return self._engine(ids, speculate=True)
+
+    def run(self, name: str, ids: torch.Tensor) -> MethodResult:
+        return {"hf": self.hf_greedy, "hf_compile": self.hf_compile, "hf_early_exit": self.hf_early_exit,
+                "hf_prompt_lookup": self.hf_prompt_lookup, "vanilla": self.vanilla,
+                "kangaroo": self.kangaroo}[name](ids)
+
+
+def check_methods(methods: Iterable[str]) -> list[str]:
+    methods = list(methods)
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+    if "hf" not in methods:
+        raise ValueError("the methods must include 'hf': every output is checked against it")
+    return [m for m in METHODS if m in methods]
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+def chat_encoder(model) -> Callable[[list[dict]], torch.Tensor]:
+    """messages -> [1, n] ids through the tokenizer's chat template (plain text when it has none)."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass an encoder for its prompts")
+
+    def encode(messages: list[dict]) -> torch.Tensor:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+        return torch.tensor([list(ids)], dtype=torch.int64, device=model.device)
+
+    return encode
+
+
+def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS, max_new_tokens: int = 128,
+                  settings: dict | None = None, encode: Callable[[list[dict]], torch.Tensor] | None = None,
+                  decode: Callable[[list[int]], str] | None = None, prompt_lookup_tokens: int = 10,
+                  progress: bool = False) -> dict:
+    """Decode every turn of every sample with every method, interleaved; return records and summaries.
+
+    A later turn of a multi-turn sample sees the earlier turns answered by ``hf`` (the same context for every
+    method); it needs ``decode`` (token ids -> text), the tokenizer's by default.
+    """
+    methods = check_methods(methods)
+    if not samples:
+        raise ValueError("no prompts to benchmark")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if not isinstance(prompt_lookup_tokens, int) or prompt_lookup_tokens < 1:
+        raise ValueError(f"prompt_lookup_tokens={prompt_lookup_tokens!r} must be an integer >= 1")
+    settings = {**model.default_settings(), **(settings or {})}
+    from .config import DecodeSettings
+
+    DecodeSettings(**settings, max_new_tokens=max_new_tokens).validate(model.config.num_layers)  # before any run
+    if "kangaroo" in methods and model.adapter is None:
+        raise ValueError("the kangaroo method needs a model with an adapter")
+    encode = encode or chat_encoder(model)
+    if decode is None and model.tokenizer is not None:
+        decode = lambda tokens: model.tokenizer.decode(tokens, skip_special_tokens=True)
+    runner = Methods(model, max_new_tokens, settings, prompt_lookup_tokens)
+
+    first_ids = [encode([{"role": "user", "content": s.turns[0]}]) for s in samples]
+    warm = min(first_ids, key=lambda t: t.shape[1])
+    if "hf_compile" in methods:
+        # room for the longest conversation: all its user turns plus an answer of max_new_tokens to each
+        longest = max(encode([{"role": "user", "content": t} for t in s.turns]).shape[1] + len(s.turns) * (
+            max_new_tokens + 16) for s in samples)
+        runner.prepare_compile([max(first_ids, key=lambda t: t.shape[1]), warm], longest)
+    active = [m for m in methods if m not in runner.unavailable]
+    for name in active:  # one untimed call each: lazy initialisation stays out of the numbers
+        runner.run(name, warm)
+
+    from tqdm.auto import tqdm
+
+    records = []
+    rotation = 0
+    for sample in tqdm(samples, desc="prompts", disable=not progress):
+        messages: list[dict] = []
+        turns = sample.turns if decode is not None else sample.turns[:1]
+        for turn_index, turn in enumerate(turns):
+            messages.append({"role": "user", "content": turn})
+            ids = encode(messages)
+            order = active[rotation % len(active):] + active[:rotation % len(active)]
+            rotation += 1
+            results = {name: runner.run(name, ids) for name in order}
+            baseline = results["hf"].tokens
+            for name in active:
+                r = results[name]
+                first_diff = _first_difference(r.tokens, baseline)
+                records.append({"id": sample.id, "category": sample.category, "turn": turn_index, "method": name,
+                                "prompt_tokens": ids.shape[1], "new_tokens": len(r.tokens), "seconds": r.seconds,
+                                "target_forwards": r.target_forwards, "rounds": r.rounds,
+                                "draft_steps": r.draft_steps, "drafted_at": r.drafted_at,
+                                "accepted_at": r.accepted_at, "same_as_hf": first_diff is None,
+                                "first_difference": first_diff})
+            if turn_index + 1 < len(turns):
+                messages.append({"role": "assistant", "content": decode(baseline)})
+
+    return {"methods": active, "unavailable": runner.unavailable, "compile_s": runner.compile_s,
+            "settings": {**settings, "max_new_tokens": max_new_tokens, "prompt_lookup_num_tokens": prompt_lookup_tokens,
+                         "hf_early_exit": {"num_assistant_tokens": settings["max_draft_steps"],
+                                           "assistant_confidence_threshold": settings["threshold"],
+                                           "num_assistant_tokens_schedule": "constant"},
+                         "static_cache_len": runner.static_cache_len,
+                         "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)},
+            "summary": summarise(records, active), "records": records}
+
+
+def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
+
+
+def summarise(records: list[dict], methods: list[str]) -> dict:
+    """{category (and "overall"): {method: statistics}}; see the module docstring for the definitions."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["category"]].append(r)
+    groups["overall"] = list(records)
+    summary = {}
+    for category, rows in groups.items():
+        per_method = {}
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            tokens = sum(r["new_tokens"] for r in mine)
+            seconds = sum(r["seconds"] for r in mine)
+            forwards = [r for r in mine if r["target_forwards"] is not None]
+            after_prefill = sum(r["new_tokens"] - 1 for r in forwards)
+            steps = sum(r["target_forwards"] - 1 for r in forwards)
+            stats = {"samples": len(mine), "new_tokens": tokens, "seconds": seconds,
+                     "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+                     "mean_accepted": after_prefill / steps if steps > 0 else None,
+                     "same_as_hf": sum(r["same_as_hf"] for r in mine),
+                     "mismatches": [f"{r['id']}#{r['turn']}@{r['first_difference']}" for r in mine
+                                    if not r["same_as_hf"]]}
+            rounds = sum(r["rounds"] or 0 for r in mine)
+            if method == "kangaroo" and rounds:
+                width = max((len(r["drafted_at"]) for r in mine), default=0)
+                drafted = [sum(r["drafted_at"][j] for r in mine if j < len(r["drafted_at"])) for j in range(width)]
+                accepted = [sum(r["accepted_at"][j] for r in mine if j < len(r["accepted_at"])) for j in range(width)]
+                stats["acceptance_rate"] = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+                stats["drafts_per_round"] = sum(r["draft_steps"] for r in mine) / rounds
+            per_method[method] = stats
+        for method, stats in per_method.items():
+            for base in ("hf", "vanilla"):
+                ref = per_method.get(base)
+                stats[f"speedup_vs_{base}"] = (stats["tokens_per_s"] / ref["tokens_per_s"]
+                                               if ref and ref["tokens_per_s"] > 0 else None)
+        summary[category] = per_method
+    return summary
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    """The overall table (one row per method) and a speedup-over-HF matrix (methods x categories)."""
+    summary, methods = result["summary"], result["methods"]
+    overall = summary["overall"]
+    lines = ["| method | tokens/s | × HF greedy | × vanilla | #MAT | drafts/round | acceptance per position "
+             "| = HF greedy |", "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        s = overall[m]
+        rates = " ".join(f"{a:.2f}" for a in s.get("acceptance_rate", [])) or "–"
+        same = f"{s['same_as_hf']}/{s['samples']}" + ("" if s["same_as_hf"] == s["samples"] else " **MISMATCH**")
+        lines.append(f"| {METHOD_LABELS[m]} | {s['tokens_per_s']:.1f} | {_fmt(s['speedup_vs_hf'])} | "
+                     f"{_fmt(s['speedup_vs_vanilla'])} | {_fmt(s['mean_accepted'])} | "
+                     f"{_fmt(s.get('drafts_per_round'))} | {rates} | {same} |")
+    for m, reason in result.get("unavailable", {}).items():
+        lines.append(f"| {METHOD_LABELS[m]} | not available on this platform: {reason} | | | | | | |")
+    categories = [c for c in summary if c != "overall"] + ["overall"]
+    header = ["| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    lines += ["", "Speedup over HF greedy (tokens/s ratio) and #MAT per category:", "", *header]
+    for m in methods:
+        cells = [f"{_fmt(summary[c][m]['speedup_vs_hf'])} ({_fmt(summary[c][m]['mean_accepted'])})"
+                 for c in categories]
+        lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Tokens/s per category:", "", *header]
+    for m in methods:
+        lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(f"{summary[c][m]['tokens_per_s']:.1f}"
+                                                             for c in categories) + " |")
+    s = result["settings"]
+    notes = [f"{s['dtype']} on {s['device']}, max_new_tokens={s['max_new_tokens']}"]
+    if {"kangaroo", "hf_early_exit"} & set(methods):
+        notes[0] += f", exit layer {s['exit_layer']}"
+    if "kangaroo" in methods:
+        notes[0] += f", η={s['threshold']}, γ={s['max_draft_steps']}"
+    if "hf_prompt_lookup" in methods:
+        notes[0] += f", prompt lookup {s['prompt_lookup_num_tokens']} tokens"
+    notes[0] += (". tokens/s: all new tokens over all seconds of the generate calls (prefill included); "
+                 "#MAT: tokens per target forward after the prefill.")
+    if result.get("compile_s") is not None and "hf_compile" in methods:
+        notes.append(f"torch.compile warm-up (not in the timings): {result['compile_s']:.1f} s.")
+    mismatched = [m for m in methods if overall[m]["mismatches"]]
+    if mismatched:
+        notes.append("Outputs differing from HF greedy (id#turn@first differing token): " + "; ".join(
+            f"{METHOD_LABELS[m]}: {', '.join(overall[m]['mismatches'])}" for m in mismatched))
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot_speedups(result: dict, path: Path) -> None:
+    """Grouped bars: speedup over HF greedy per category (and overall), one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, methods = result["summary"], result["methods"]
+    categories = [c for c in summary if c != "overall"] + ["overall"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(categories) + 2), 4.0))
+    for i, m in enumerate(methods):
+        values = [summary[c][m]["speedup_vs_hf"] or 0.0 for c in categories]
+        ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(categories))], values, width,
+               label=METHOD_LABELS[m])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set_ylabel("speedup over HF greedy")
+    s = result["settings"]
+    ax.set_title(f"{result.get('model', 'model')}, {s['dtype']} on {s['device']}, {s['max_new_tokens']} new tokens")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(result: dict, output_dir: Path, stem: str) -> dict[str, Path]:
+    """Write ``stem``.json (everything), ``stem``.md (the tables) and ``stem``.png (the plot)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md",
+             "plot": output_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths["markdown"].write_text(markdown_table(result))
+    plot_speedups(result, paths["plot"])
+    return paths
+
+
+# ---- tune ---------------------------------------------------------------------------------------------------------
+def run_tune(models: dict[str, object], samples: list[Sample], thresholds: Iterable[float], steps: Iterable[int],
+             max_new_tokens: int, encode: Callable[[list[dict]], torch.Tensor], progress: bool = False) -> dict:
+    """Kangaroo against the same engine's vanilla mode over the grid adapters x thresholds x max_draft_steps.
+
+    ``models`` maps an adapter name to a KangarooModel (all on the same base model). For every prompt (first turn)
+    vanilla runs once, then every setting; speedup = vanilla seconds / Kangaroo seconds summed over the
+    prompts of a category. Returns the rows and the best setting per category and overall.
+    """
+    thresholds, steps = list(thresholds), list(steps)
+    if not models or not thresholds or not steps:
+        raise ValueError("tune needs at least one adapter, one threshold and one max_draft_steps value")
+    grid = list(itertools.product(models, thresholds, steps))
+    from .config import DecodeSettings
+
+    for name, threshold, max_steps in grid:  # a bad value fails here, not half-way through the sweep
+        model = models[name]
+        if model.adapter is None:
+            raise ValueError(f"tune: the model for {name!r} has no adapter")
+        DecodeSettings(model.adapter.config.exit_layer, threshold, max_steps,
+                       max_new_tokens).validate(model.config.num_layers)
+    first = next(iter(models.values()))
+    from tqdm.auto import tqdm
+
+    totals: dict = defaultdict(lambda: {"seconds": 0.0, "tokens": 0, "rounds": 0, "drafts": 0, "mismatches": 0})
+    vanilla_s: dict[str, float] = defaultdict(float)
+    prompt_ids = [encode([{"role": "user", "content": s.turns[0]}]) for s in samples]
+    warm = min(prompt_ids, key=lambda t: t.shape[1])
+    first.generate(warm, max_new_tokens=4, speculate=False)
+    for model in models.values():
+        model.generate(warm, max_new_tokens=4)
+    for sample, ids in tqdm(list(zip(samples, prompt_ids)), desc="prompts", disable=not progress):
+        vanilla = first.generate(ids, max_new_tokens=max_new_tokens, speculate=False)
+        for category in (sample.category, "overall"):
+            vanilla_s[category] += vanilla.stats.time_s
+        for name, threshold, max_steps in grid:
+            out = models[name].generate(ids, max_new_tokens=max_new_tokens, threshold=threshold,
+                                        max_draft_steps=max_steps)
+            for category in (sample.category, "overall"):
+                row = totals[(name, threshold, max_steps, category)]
+                row["seconds"] += out.stats.time_s
+                row["tokens"] += out.stats.new_tokens_after_prefill
+                row["rounds"] += out.stats.rounds
+                row["drafts"] += out.stats.draft_steps
+                row["mismatches"] += int(out.tokens != vanilla.tokens)
+    rows = []
+    for (name, threshold, max_steps, category), t in totals.items():
+        rows.append({"adapter": name, "exit_layer": models[name].adapter.config.exit_layer, "threshold": threshold,
+                     "max_draft_steps": max_steps, "category": category,
+                     "speedup_vs_vanilla": vanilla_s[category] / t["seconds"] if t["seconds"] > 0 else 0.0,
+                     "mean_accepted": t["tokens"] / t["rounds"] if t["rounds"] else 0.0,
+                     "drafts_per_round": t["drafts"] / t["rounds"] if t["rounds"] else 0.0,
+                     "mismatches_vs_vanilla": t["mismatches"]})
+    best = {}
+    for row in rows:
+        if row["category"] not in best or row["speedup_vs_vanilla"] > best[row["category"]]["speedup_vs_vanilla"]:
+            best[row["category"]] = row
+    return {"rows": rows, "best": best, "max_new_tokens": max_new_tokens, "prompts": len(samples),
+            "dtype": str(first.dtype).replace("torch.", ""), "device": str(first.device)}
+
+
+def tune_markdown(result: dict) -> str:
+    lines = ["| category | adapter | exit layer | η | γ | × vanilla | #MAT | drafts/round | ≠ vanilla |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = [c for c in result["best"] if c != "overall"] + ["overall"]
+    for category in order:
+        b = result["best"][category]
+        lines.append(f"| {category} | {b['adapter']} | {b['exit_layer']} | {b['threshold']} | {b['max_draft_steps']} "
+                     f"| {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} | {b['drafts_per_round']:.2f} "
+                     f"| {b['mismatches_vs_vanilla']} |")
+    lines += ["", "Every setting, overall (fastest first):", "",
+              "| adapter | exit layer | η | γ | × vanilla | #MAT | drafts/round | ≠ vanilla |",
+              "|---|---|---|---|---|---|---|---|"]
+    overall = sorted((r for r in result["rows"] if r["category"] == "overall"), key=lambda r: -r["speedup_vs_vanilla"])
+    for r in overall:
+        lines.append(f"| {r['adapter']} | {r['exit_layer']} | {r['threshold']} | {r['max_draft_steps']} "
+                     f"| {r['speedup_vs_vanilla']:.2f} | {r['mean_accepted']:.2f} | {r['drafts_per_round']:.2f} "
+                     f"| {r['mismatches_vs_vanilla']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- README -------------------------------------------------------------------------------------------------------
+README_START = "<!-- bench:start: written by `kangaroo-fast bench --readme`, do not edit by hand -->"
+README_END = "<!-- bench:end -->"
+
+
+def check_readme(readme: Path) -> str:
+    """The README's text; an error unless it has one benchmark block (checked before a long run, not after)."""
+    readme = Path(readme)
+    if not readme.is_file():
+        raise FileNotFoundError(f"README {str(readme)!r} does not exist")
+    text = readme.read_text(encoding="utf-8")
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or \
+            text.index(README_START) > text.index(README_END):
+        raise ValueError(f"{readme} needs one benchmark block: a line {README_START!r}, then a line {README_END!r}")
+    return text
+
+
+def update_readme(readme: Path, result: dict, paths: dict[str, Path]) -> None:
+    """Replace the block between README_START and README_END with the run's command, machine, tables and plot."""
+    readme = Path(readme)
+    text = check_readme(readme)
+    base = readme.resolve().parent
+    rel = {k: os.path.relpath(Path(p).resolve(), base) for k, p in paths.items()}
+    m = result["machine"]
+    commit = (m.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if m.get("dirty") else "")
+    threads = m["torch_threads"]
+    where = m.get("gpu") or f"{m['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
+    block = "\n".join([
+        README_START,
+        f"`{result['command']}` on {where}; {result['model']}, {len(result['records']) // len(result['methods'])} "
+        f"prompts; commit {commit}; torch {m['torch']}, transformers {m['transformers']}. "
+        f"Results: [`{rel['json']}`]({rel['json']}).",
+        "",
+        markdown_table(result).rstrip("\n"),
+        "",
+        f"![speedup over HF greedy per category]({rel['plot']})",
+        README_END])
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + block + rest.split(README_END, 1)[1], encoding="utf-8")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _settings(args) -> dict:
     return {k: v for k, v in {"exit_layer": args.exit_layer, "threshold": args.threshold,
-                              "max_draft_steps": args.max_draft_steps, "seed": args.seed}.items() if v is not None}
+                              "max_draft_steps": args.max_draft_steps}.items() if v is not None}
 
 
 def cmd_generate(args) -> int:
@@ -22,7 +22,7 @@ def cmd_generate(args) -> int:
         if model.tokenizer is not None and not args.json else None
     out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, speculate=not args.no_speculate,
                          streamer=streamer, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         **_settings(args))
+                         seed=args.seed, **_settings(args))
     stats = out.stats.as_dict()
     if args.json:
         print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))

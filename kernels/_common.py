@@ -82,13 +82,16 @@ def matmul_blocks(m: int, n: int, k: int) -> MatmulBlocks:
     BLOCK_N: 64 weight rows per program: at batch-1 decode the grid must still cover the SMs (N/64 programs:
     9 for SmolLM2's 576-wide o_proj, 64 for Vicuna's 4096), while each program streams 64*BLOCK_K contiguous weights.
     BLOCK_K: 128 elements = 256 bytes of bf16 per weight row per step, wide vector loads; smaller for tiny K.
+    Prefill tiles (BLOCK_M > 16) carry two 64x64 fp32 accumulators (gate/up, the RoPE halves): they take 8 warps
+    and BLOCK_K 64, else they spill on sm_80 (tests/test_kernel_compile.py checks this).
     """
     if m < 1 or n < 1 or k < 1:
         raise ValueError(f"matmul shape must be positive, got M={m}, N={n}, K={k}")
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_k = min(128, max(16, triton.next_power_of_2(k)))
-    return MatmulBlocks(block_m, block_n, block_k, num_warps=4)
+    prefill = block_m > 16
+    block_k = min(64 if prefill else 128, max(16, triton.next_power_of_2(k)))
+    return MatmulBlocks(block_m, block_n, block_k, num_warps=8 if prefill else 4)
 
 
 def check_rows(name: str, x: torch.Tensor, k: int) -> None:

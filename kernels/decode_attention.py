@@ -43,7 +43,7 @@ def attention_blocks(rows: int, max_len: int, head_dim: int) -> AttentionBlocks:
     chunk = triton.cdiv(triton.cdiv(max_len, splits), block_s) * block_s
     splits = triton.cdiv(max_len, chunk)
     return AttentionBlocks(block_r, block_s, max(16, triton.next_power_of_2(head_dim)), splits, chunk,
-                           num_warps=4)
+                           num_warps=4 if block_r <= 16 else 8)
 
 
 @triton.jit

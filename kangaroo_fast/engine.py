@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter
+from .backend import resolve_backend
 from .cache import StaticKVCache
 from .config import DecodeSettings
 from .models import PackedModel
@@ -79,9 +80,10 @@ class Engine:
 
     def __init__(self, packed: PackedModel, backend, max_len: int, adapter: Adapter | None = None,
                  max_draft_steps: int = 6):
+        """``backend``: a backend object, its name, or None for the device's default (triton on CUDA)."""
         self.w = packed
         self.cfg = packed.config
-        self.ops = backend
+        self.ops = resolve_backend(backend, packed.device)
         dtype, device = packed.dtype, packed.device
         if max_len > packed.rope_cos.shape[0]:
             raise ValueError(f"max_len={max_len} exceeds the RoPE table ({packed.rope_cos.shape[0]} positions)")
@@ -116,31 +118,27 @@ class Engine:
     def _layers(self, x: torch.Tensor, start: int, first: int, stop: int) -> torch.Tensor:
         """Run decoder layers first..stop-1 on x [1, T, H] at positions start..start+T-1, writing their caches."""
         ops, c = self.ops, self.cfg
-        t = x.shape[1]
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         for i in range(first, stop):
             w = self.w.layers[i]
             k_cache, v_cache = self.cache.layer(i)
-            qkv = ops.linear(ops.rms_norm(x, w.input_norm, c.rms_norm_eps), w.w_qkv, w.b_qkv)
-            q = ops.rope_cache_write(qkv, cos, sin, k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
-            x = x + ops.linear(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i]), w.w_o)
-            x = x + ops.mlp(ops.rms_norm(x, w.post_norm, c.rms_norm_eps), w.w_gate_up, w.w_down)
+            q = ops.qkv_rope_cache_write(x, w.input_norm, c.rms_norm_eps, w.w_qkv, w.b_qkv, self.cos, self.sin,
+                                         k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
+            x = ops.linear_residual(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i]), w.w_o, x)
+            x = ops.norm_mlp_residual(x, w.post_norm, c.rms_norm_eps, w.w_gate_up, w.w_down)
         return x
 
     def _adapter(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """The adapter block (before its final norm) on layer-l states h [1, T, H], writing its cache."""
         ops, c = self.ops, self.cfg
-        t = h.shape[1]
         k_cache, v_cache = self.adapter_cache.layer(0)
-        qkv = ops.linear(ops.rms_norm(h, self.a_input_norm, c.rms_norm_eps), self.a_qkv)
-        q = ops.rope_cache_write(qkv, self.cos[start:start + t], self.sin[start:start + t], k_cache, v_cache, start,
-                                 c.num_heads, c.num_kv_heads)
-        return h + ops.linear(ops.attention(q, k_cache, v_cache, start), self.a_o)
+        q = ops.qkv_rope_cache_write(h, self.a_input_norm, c.rms_norm_eps, self.a_qkv, None, self.cos, self.sin,
+                                     k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
+        return ops.linear_residual(ops.attention(q, k_cache, v_cache, start), self.a_o, h)
 
     def _propose(self, adapter_out: torch.Tensor) -> tuple[int, float]:
         """Draft head on the adapter's newest output: (token id, top-1 probability). One host sync."""
-        index, prob = self.ops.draft_head(adapter_out[:, -1], self.a_norm, self.cfg.rms_norm_eps, self.draft_head)
-        token = index if self.draft_vocab is None else self.draft_vocab[index]
+        token, prob, _ = self.ops.draft_propose(adapter_out[:, -1], self.a_norm, self.cfg.rms_norm_eps,
+                                                self.draft_head, self.draft_vocab)
         return int(token[0]), float(prob[0])
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:

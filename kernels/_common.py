@@ -7,6 +7,8 @@ are padded to 16 and masked.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -25,6 +27,11 @@ def _interpreter_compat() -> None:
     2. It stores bfloat16 as uint16 and ``tl.dot`` multiplies those integers. Here bf16 operands are widened to
        fp32 first, which is exact and is what the tensor cores compute (bf16 products, fp32 accumulation). The
        kernels do every other bf16 operation in fp32 explicitly, as the compiled code does anyway.
+
+    And two costs, not semantics, so that a whole decode runs in the interpreter within a test's time:
+    3. Every call of a ``@triton.jit`` helper re-patches triton.language (~2 ms), although the running kernel
+       has already patched it; nested calls now reuse the kernel's patch.
+    4. Integer overflow sanitizing (a debug check the compiled kernels do not make) is off, as on the GPU.
     """
     from triton.runtime import interpreter
 
@@ -41,6 +48,39 @@ def _interpreter_compat() -> None:
             scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
         interpreter._patch_lang_tensor = patch_lang_tensor
+
+    patch_lang = interpreter._patch_lang
+    active: list = []
+    patched: set = set()  # the language modules (triton.language, triton.language.core) the running kernel patched
+
+    def lang_modules(fn) -> set:
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    class KernelScope:
+        """The patch scope of the running kernel: device functions it calls find their language modules patched."""
+
+        def __init__(self, scope, modules: set):
+            self.scope = scope
+            active.append(self)
+            patched.update(modules)
+
+        def restore(self):
+            active.remove(self)
+            patched.clear()
+            self.scope.restore()
+
+    def patch_once(fn):
+        modules = lang_modules(fn)
+        if not active:
+            return KernelScope(patch_lang(fn), modules)
+        if not modules <= patched:  # a device function seeing another language module (e.g. tl.zeros' core)
+            patch_lang(fn)
+            patched.update(modules)
+        return active[-1]
+
+    interpreter._patch_lang = patch_once
+    interpreter.interpreter_builder.options = dataclasses.replace(interpreter.interpreter_builder.options,
+                                                                  sanitize_overflow=False)
 
     builder = interpreter.InterpreterBuilder
     create_dot = builder.create_dot

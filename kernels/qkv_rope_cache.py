@@ -7,8 +7,9 @@ For the rows m = b * T + t of x [B * T, K] (sequence b, its t-th new token at po
     k_h = rope(qkv[Hq + h]) -> k_cache[b, h, p]         rotate_half(y) = (-y[D/2:], y[:D/2])
     v_h = qkv[Hq + Hkv + h] -> v_cache[b, h, p]
 
-One program owns one head and a block of rows and accumulates the head's two halves side by side, so the rotation
-pairs columns d and d + D/2 inside registers: q/k/v never round-trip through memory before RoPE. Positions come
+One program owns a block of rows and one head (several for small heads) and accumulates each head's two halves side
+by side, so the rotation pairs columns d and d + D/2 inside registers: q/k/v never round-trip through memory
+before RoPE. Positions come
 from the device tensor ``start`` [B] (graph-safe). A position at or beyond the cache length is not written.
 """
 from __future__ import annotations
@@ -18,26 +19,6 @@ import triton
 import triton.language as tl
 
 from ._common import check_rows, dot_precision, matmul_blocks, normed_tile, row_rstd
-
-
-@triton.jit
-def _rounded(x, DTYPE: tl.constexpr):
-    """x rounded to the activation dtype and back to fp32: the reference rounds after every op."""
-    return x.to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _rope(y1, y2, cos_ptr, sin_ptr, pos, stride_cos, j, mask, HALF: tl.constexpr, DTYPE: tl.constexpr):
-    """(y1, y2) = the two halves of a head [BLOCK_M, BLOCK_H]; returns them rotated, fp32, rounded as the
-    reference: y * cos + rotate_half(y) * sin, each product and the sum in the activation dtype."""
-    offs = pos[:, None] * stride_cos + j[None, :]
-    cos1 = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1 = _rounded(_rounded(y1 * cos1, DTYPE) - _rounded(y2 * sin1, DTYPE), DTYPE)
-    out2 = _rounded(_rounded(y2 * cos2, DTYPE) + _rounded(y1 * sin2, DTYPE), DTYPE)
-    return out1, out2
 
 
 @triton.jit
@@ -51,52 +32,78 @@ def _qkv_rope_cache_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    # HALF = D / 2: the rotation pairs column d with d + HALF
-    HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # HALF = D / 2: the rotation pairs column d with d + HALF; each program owns HEADS consecutive heads, laid
+    # side by side as BLOCK_C >= HEADS * HALF columns (column c: head c // HALF, pair c % HALF)
+    HALF: tl.constexpr, HEADS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    pid_h = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    j = tl.arange(0, BLOCK_H)
-    j_mask = j < HALF
-    cols1 = head * 2 * HALF + j
+    c = tl.arange(0, BLOCK_C)
+    head = pid_h * HEADS + c // HALF
+    pair = c % HALF
+    c_mask = (c < HEADS * HALF) & (head < num_heads + 2 * num_kv_heads)
+    cols1 = head * 2 * HALF + pair
     cols2 = cols1 + HALF
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_NORM:
         rstd = row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BLOCK_M, BLOCK_K)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = normed_tile(x_ptr, stride_xm, norm_w_ptr, rstd, rows, row_mask, ks, K, HAS_NORM)
-        w_mask = j_mask[:, None] & (ks[None, :] < K)
+        w_mask = c_mask[:, None] & (ks[None, :] < K)
         w1 = tl.load(w_ptr + cols1[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0.0)
         w2 = tl.load(w_ptr + cols2[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0.0)
         acc1 = tl.dot(x, tl.trans(w1), acc1, input_precision=DOT_PRECISION)
         acc2 = tl.dot(x, tl.trans(w2), acc2, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc1 += tl.load(bias_ptr + cols1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-        acc2 += tl.load(bias_ptr + cols2, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+        acc1 += tl.load(bias_ptr + cols1, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        acc2 += tl.load(bias_ptr + cols2, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     dtype = q_ptr.dtype.element_ty
-    y1 = _rounded(acc1, dtype)  # the projection's output, as the reference holds it
-    y2 = _rounded(acc2, dtype)
+    y1 = acc1.to(dtype).to(tl.float32)  # the projection's output, as the reference holds it
+    y2 = acc2.to(dtype).to(tl.float32)
 
+    # RoPE on q and k heads: y * cos + rotate_half(y) * sin, each product and the sum rounded to the dtype as in
+    # the reference; rotate_half(y) = (-y2, y1)
     seq = rows // T
-    pos = tl.load(start_ptr + seq, mask=row_mask, other=0) + rows % T
-    mask = (row_mask & (pos < max_len))[:, None] & j_mask[None, :]
-    if head < num_heads:
-        y1, y2 = _rope(y1, y2, cos_ptr, sin_ptr, pos, stride_cos, j, mask, HALF, dtype)
-        dst = q_ptr + seq[:, None] * stride_qb + (rows % T)[:, None] * stride_qt + head * stride_qh + j[None, :]
-    elif head < num_heads + num_kv_heads:
-        y1, y2 = _rope(y1, y2, cos_ptr, sin_ptr, pos, stride_cos, j, mask, HALF, dtype)
-        dst = k_ptr + seq[:, None] * stride_kb + (head - num_heads) * stride_kh + pos[:, None] * stride_ks + j[None, :]
-    else:
-        kv_head = head - num_heads - num_kv_heads
-        dst = v_ptr + seq[:, None] * stride_vb + kv_head * stride_vh + pos[:, None] * stride_vs + j[None, :]
-    tl.store(dst, y1.to(dtype), mask=mask)
-    tl.store(dst + HALF, y2.to(dtype), mask=mask)
+    t = rows % T
+    pos = tl.load(start_ptr + seq, mask=row_mask, other=0) + t
+    mask = (row_mask & (pos < max_len))[:, None] & c_mask[None, :]
+    offs = pos[:, None] * stride_cos + pair[None, :]
+    cos1 = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    rot1 = ((y1 * cos1).to(dtype).to(tl.float32) - (y2 * sin1).to(dtype).to(tl.float32)).to(dtype)
+    rot2 = ((y2 * cos2).to(dtype).to(tl.float32) + (y1 * sin2).to(dtype).to(tl.float32)).to(dtype)
+    is_q = head < num_heads
+    is_v = head >= num_heads + num_kv_heads
+    out1 = tl.where(is_v[None, :], y1.to(dtype), rot1)
+    out2 = tl.where(is_v[None, :], y2.to(dtype), rot2)
+
+    q_dst = q_ptr + seq[:, None] * stride_qb + t[:, None] * stride_qt + head[None, :] * stride_qh + pair[None, :]
+    kv_head = tl.where(is_v, head - num_heads - num_kv_heads, head - num_heads)
+    k_dst = k_ptr + seq[:, None] * stride_kb + kv_head[None, :] * stride_kh + pos[:, None] * stride_ks + pair[None, :]
+    v_dst = v_ptr + seq[:, None] * stride_vb + kv_head[None, :] * stride_vh + pos[:, None] * stride_vs + pair[None, :]
+    q_mask = mask & is_q[None, :]
+    k_mask = mask & (~is_q & ~is_v)[None, :]
+    v_mask = mask & is_v[None, :]
+    tl.store(q_dst, out1, mask=q_mask)
+    tl.store(q_dst + HALF, out2, mask=q_mask)
+    tl.store(k_dst, out1, mask=k_mask)
+    tl.store(k_dst + HALF, out2, mask=k_mask)
+    tl.store(v_dst, out1, mask=v_mask)
+    tl.store(v_dst + HALF, out2, mask=v_mask)
+
+
+def heads_per_program(head_dim: int) -> int:
+    """The rule: a program owns 32 column pairs (one head of 64, two of 32, ...); one head when D/2 >= 32. Real
+    models (D = 64, 128) get one head per program, so the grid has as many programs as heads."""
+    return max(1, 32 // (head_dim // 2))
 
 
 def qkv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
@@ -137,9 +144,10 @@ def qkv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if cos.stride() != sin.stride():
         raise ValueError("cos and sin must share their strides")
     m = bsz * t
-    blocks = matmul_blocks(m, d // 2, k)
-    block_h = max(16, triton.next_power_of_2(d // 2))
-    grid = (num_heads + 2 * num_kv_heads, triton.cdiv(m, blocks.block_m))
+    half = d // 2
+    heads = heads_per_program(d)
+    blocks = matmul_blocks(m, heads * half, k)
+    grid = (triton.cdiv(num_heads + 2 * num_kv_heads, heads), triton.cdiv(m, blocks.block_m))
     _qkv_rope_cache_kernel[grid](
         x2, weight, norm_weight if norm_weight is not None else x2, bias if bias is not None else x2,
         cos, sin, start, q_out, k_cache, v_cache,
@@ -148,9 +156,9 @@ def qkv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=d // 2, HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=blocks.block_m, BLOCK_H=block_h, BLOCK_K=blocks.block_k, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=blocks.num_warps)
+        HALF=half, HEADS=heads, HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=blocks.block_m, BLOCK_C=max(16, triton.next_power_of_2(heads * half)), BLOCK_K=blocks.block_k,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=blocks.num_warps)
     return q_out
 
 

@@ -116,7 +116,9 @@ class Engine:
 
     # ---- model pieces ----------------------------------------------------------------------------------------
     def _layers(self, x: torch.Tensor, start: int, first: int, stop: int) -> torch.Tensor:
-        """Run decoder layers first..stop-1 on x [1, T, H] at positions start..start+T-1, writing their caches."""
+        """Run decoder layers first..stop-1 on x [1, T, H] at positions start..start+T-1, writing their caches.
+
+        ``start`` is an int, or (triton backend, e.g. in a CUDA graph) a [B] integer device tensor."""
         ops, c = self.ops, self.cfg
         for i in range(first, stop):
             w = self.w.layers[i]

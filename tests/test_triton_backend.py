@@ -5,6 +5,9 @@ kernels the CUDA path launches with the oracle, on CPU, in float32.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -118,10 +121,10 @@ def test_triton_decode_token_identical_to_reference(decode_cases, kind, exit_lay
     model, prompts, refs = decode_cases[kind]
     make = random_adapter if adapter_kind == "random" else early_exit_adapter
     adapter = make(model, exit_layer, seed=exit_layer + 5)
-    reference = kangaroo_fast.load(model, adapter=adapter, backend="torch")
-    fused = kangaroo_fast.load(model, adapter=adapter, backend="triton")
+    reference = kangaroo_fast.load(model, adapter=adapter, backend="torch", device=DEVICE)
+    fused = kangaroo_fast.load(model, adapter=adapter, backend="triton", device=DEVICE)
     assert isinstance(fused.engine.ops, TritonBackend)
-    drafted = 0
+    drafted = accepted = 0
     for threshold, prompt in ((0.0, 0), (1.0, 0), (0.5, 1)):
         for ids, ref in zip(prompts[prompt:prompt + 1], refs[prompt:prompt + 1]):
             settings = dict(max_new_tokens=NEW_TOKENS, threshold=threshold, max_draft_steps=3)
@@ -131,19 +134,43 @@ def test_triton_decode_token_identical_to_reference(decode_cases, kind, exit_lay
             assert out.stats.drafted_at == expected.stats.drafted_at
             assert out.stats.accepted_at == expected.stats.accepted_at
             drafted += out.stats.draft_steps
+            accepted += sum(out.stats.accepted_at)
             if threshold == 1.0:  # every proposal is below the threshold: one draft per round at most
                 assert out.stats.draft_steps <= out.stats.rounds
     assert drafted > 0
+    if adapter_kind == "early_exit":  # the verify path's accept branch is exercised, not only rejections
+        assert accepted > 0
 
 
 def test_triton_vanilla_decode_matches_hf(decode_cases):
     model, prompts, refs = decode_cases["qwen2"]
-    fused = kangaroo_fast.load(model, backend="triton")
+    fused = kangaroo_fast.load(model, backend="triton", device=DEVICE)
     for ids, ref in zip(prompts, refs):
         assert fused.generate(ids, max_new_tokens=NEW_TOKENS, speculate=False).tokens == ref
 
 
 # ---- backend choice ----------------------------------------------------------------------------------------------
+def test_kangaroo_fast_imports_and_decodes_without_triton():
+    """triton is an optional extra: without it the package imports, CPU picks torch, and asking for triton says
+    what to install."""
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton now raises ImportError
+import torch, kangaroo_fast
+from kangaroo_fast.backend import default_backend_name, get_backend, resolve_backend
+assert default_backend_name("cuda") == "torch" and default_backend_name("cpu") == "torch"
+assert type(resolve_backend(None, "cpu")).__name__ == "TorchBackend"
+try:
+    get_backend("triton")
+except ImportError as error:
+    assert "pip install 'kangaroo_fast[triton]'" in str(error), error
+else:
+    raise AssertionError("get_backend('triton') worked without triton")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_backend_choice_follows_the_device():
     assert default_backend_name("cpu") == "torch"
     assert default_backend_name(torch.device("cuda", 0)) == "triton"

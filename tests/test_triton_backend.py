@@ -142,6 +142,15 @@ def test_triton_decode_token_identical_to_reference(decode_cases, kind, exit_lay
         assert accepted > 0
 
 
+def test_triton_sliding_window_decode_matches_hf():
+    """Mistral with a 9-token window over a 23-token prompt: the kernels' window mask decides the output."""
+    model = tiny_model("mistral", 41, sliding_window=9)
+    ids = random_prompt(model.config.vocab_size, 23, 5)
+    ref = hf_greedy(model, ids, 12, eos_token_id=-1)
+    fused = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 3, seed=1), backend="triton", device=DEVICE)
+    assert fused.generate(ids, max_new_tokens=12, threshold=0.3, max_draft_steps=4, eos_token_id=[]).tokens == ref
+
+
 def test_triton_vanilla_decode_matches_hf(decode_cases):
     model, prompts, refs = decode_cases["qwen2"]
     fused = kangaroo_fast.load(model, backend="triton", device=DEVICE)

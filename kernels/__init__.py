@@ -8,7 +8,8 @@ private ``@triton.jit`` kernel, one launcher and the PyTorch reference it is tes
     draft_head        RMSNorm + streamed LM head -> draft token, its probability, keep-drafting flag
     verify_head       RMSNorm + streamed LM head -> targets, accepted length, bonus token
 
-``_common`` holds the block-size rule and shared device helpers, ``_lm_head`` the streamed head both heads use,
+``_common`` holds the block-size rule and shared device helpers, ``_interpreter`` the fixes triton's CPU
+interpreter needs (applied only under TRITON_INTERPRET=1), ``_lm_head`` the streamed head both heads use,
 ``compile_check`` the sm_80/sm_90 compile and resource check. Importing this package imports nothing; importing a
 kernel module needs triton (an optional extra: ``pip install 'kangaroo_fast[triton]'``).
 """

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench train-default clean
+.PHONY: setup demo test bench bench-gpu train-default clean
 
 $(STAMP): setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench/test_micro.py --benchmark-columns=median,iqr,min,max,rounds \
 		--benchmark-sort=name
 	$(PY) -m kangaroo_fast.cli bench --quick --readme README.md
+
+# Kernel tests (compiled on a GPU, interpreted on CPU), the sm_80/sm_90 compile check, the Triton decode against the
+# reference, the graph replay (skipped without CUDA), then the kernel timings (without CUDA: the case plan only).
+bench-gpu: $(STAMP)
+	$(PY) -m pytest -q tests/test_kernels.py tests/test_kernel_compile.py tests/test_triton_backend.py \
+		tests/test_graphs.py tests/test_bench_gpu.py
+	$(PY) bench/gpu.py --output bench/results/gpu.json
 
 train-default: $(STAMP)
 	$(PY) -m kangaroo_fast.cli train --recipe kangaroo_fast/train/default_recipe.json \

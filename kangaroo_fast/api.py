@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from .adapter import Adapter
-from .backend import get_backend
+from .backend import resolve_backend
 from .config import DecodeSettings
 from .engine import Engine, GenerationStats
 from .models import load_hf, model_eos_ids, pack_model
@@ -27,7 +27,7 @@ class GenerateOutput:
 class KangarooModel:
     """A packed base model, its tokenizer, an optional adapter, and the engine that decodes with them."""
 
-    def __init__(self, hf_model, tokenizer=None, adapter: Adapter | None = None, backend: str = "torch",
+    def __init__(self, hf_model, tokenizer=None, adapter: Adapter | None = None, backend: str | None = None,
                  max_cache_len: int | None = None):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
@@ -42,7 +42,7 @@ class KangarooModel:
             adapter.config.check_matches(self.config)
             adapter = adapter.to(self.packed.device).eval()
         self.adapter = adapter
-        self.engine = Engine(self.packed, get_backend(backend), max_cache_len, adapter,
+        self.engine = Engine(self.packed, resolve_backend(backend, self.packed.device), max_cache_len, adapter,
                              adapter.config.max_draft_steps if adapter is not None else 6)
 
     @property
@@ -165,7 +165,7 @@ def _is_batch(prompt) -> bool:
 _DEFAULT: dict = {}
 
 
-def load(model=None, adapter=None, dtype=None, device=None, backend: str = "torch",
+def load(model=None, adapter=None, dtype=None, device=None, backend: str | None = None,
          max_cache_len: int | None = None) -> KangarooModel:
     """Load a base model and its adapter.
 
@@ -173,6 +173,7 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str = "torc
     adapter: a directory in the official Kangaroo format, an ``Adapter``, or None (the shipped adapter for the
     embedded model; no adapter otherwise, which allows only ``speculate=False``).
     dtype/device: defaults are the fast dtype of the device (bfloat16 on CPUs with AVX512-BF16 and on CUDA).
+    backend: "torch" (the reference), "triton" (fused kernels), or None: triton on CUDA when installed, else torch.
     """
     if device is not None:
         device = torch.device(device)

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter
+from .backend import resolve_backend
 from .cache import StaticKVCache
 from .config import DecodeSettings
 from .models import PackedModel
@@ -85,9 +86,10 @@ class Engine:
 
     def __init__(self, packed: PackedModel, backend, max_len: int, adapter: Adapter | None = None,
                  max_draft_steps: int = 6):
+        """``backend``: a backend object, its name, or None for the device's default (triton on CUDA)."""
         self.w = packed
         self.cfg = packed.config
-        self.ops = backend
+        self.ops = resolve_backend(backend, packed.device)
         dtype, device = packed.dtype, packed.device
         if max_len > packed.rope_cos.shape[0]:
             raise ValueError(f"max_len={max_len} exceeds the RoPE table ({packed.rope_cos.shape[0]} positions)")
@@ -130,43 +132,34 @@ class Engine:
             return pos[0] + offset
         return torch.tensor(pos, dtype=torch.int64, device=self.w.device) + offset
 
-    def _rope_rows(self, start: int | torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows of positions start..start+T-1: [T, D] for an int start, [B, T, D] for a tensor (positions
-        past the cache, padding of a batch, read the last row)."""
-        if isinstance(start, int):
-            return self.cos[start:start + t], self.sin[start:start + t]
-        positions = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=self.cos.shape[0] - 1)
-        return self.cos[positions], self.sin[positions]
-
     # ---- model pieces ----------------------------------------------------------------------------------------
     def _layers(self, x: torch.Tensor, start: int | torch.Tensor, first: int, stop: int) -> torch.Tensor:
-        """Run decoder layers first..stop-1 on x [B, T, H] at positions start..start+T-1 (per sequence with a
-        [B] tensor start), writing their caches."""
+        """Run decoder layers first..stop-1 on x [B, T, H] at positions start..start+T-1, writing their caches.
+
+        ``start`` is an int (one sequence), or a [B] int64 device tensor: per sequence in a batch, and the form the
+        triton backend takes inside a CUDA graph."""
         ops, c = self.ops, self.cfg
-        t = x.shape[1]
-        cos, sin = self._rope_rows(start, t)
         for i in range(first, stop):
             w = self.w.layers[i]
             k_cache, v_cache = self.cache.layer(i)
-            qkv = ops.linear(ops.rms_norm(x, w.input_norm, c.rms_norm_eps), w.w_qkv, w.b_qkv)
-            q = ops.rope_cache_write(qkv, cos, sin, k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
-            x = x + ops.linear(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i]), w.w_o)
-            x = x + ops.mlp(ops.rms_norm(x, w.post_norm, c.rms_norm_eps), w.w_gate_up, w.w_down)
+            q = ops.qkv_rope_cache_write(x, w.input_norm, c.rms_norm_eps, w.w_qkv, w.b_qkv, self.cos, self.sin,
+                                         k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
+            x = ops.linear_residual(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i]), w.w_o, x)
+            x = ops.norm_mlp_residual(x, w.post_norm, c.rms_norm_eps, w.w_gate_up, w.w_down)
         return x
 
     def _adapter(self, h: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """The adapter block (before its final norm) on layer-l states h [B, T, H], writing its cache."""
         ops, c = self.ops, self.cfg
-        cos, sin = self._rope_rows(start, h.shape[1])
         k_cache, v_cache = self.adapter_cache.layer(0)
-        qkv = ops.linear(ops.rms_norm(h, self.a_input_norm, c.rms_norm_eps), self.a_qkv)
-        q = ops.rope_cache_write(qkv, cos, sin, k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
-        return h + ops.linear(ops.attention(q, k_cache, v_cache, start), self.a_o)
+        q = ops.qkv_rope_cache_write(h, self.a_input_norm, c.rms_norm_eps, self.a_qkv, None, self.cos, self.sin,
+                                     k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
+        return ops.linear_residual(ops.attention(q, k_cache, v_cache, start), self.a_o, h)
 
     def _propose(self, adapter_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft head on the adapter's newest outputs: (token ids [B], top-1 probabilities [B])."""
-        index, prob = self.ops.draft_head(adapter_out[:, -1], self.a_norm, self.cfg.rms_norm_eps, self.draft_head)
-        token = index if self.draft_vocab is None else self.draft_vocab[index]
+        """Draft head on the adapter's newest outputs: (token ids [B], top-1 probabilities [B]), on the device."""
+        token, prob, _ = self.ops.draft_propose(adapter_out[:, -1], self.a_norm, self.cfg.rms_norm_eps,
+                                                self.draft_head, self.draft_vocab)
         return token, prob
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,18 @@
 """Shared helpers: tiny random HF Llama-family models, random adapters, and the embedded default model."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in triton's CPU interpreter; the variable must be set before any kernel is
+# decorated, i.e. before a test module imports kangaroo_fast.kernels. The compile checks (tests/
+# test_kernel_compile.py) run in a subprocess without it, so one `pytest tests` covers both on CPU, and the real
+# compiled kernels on a GPU machine.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kangaroo_fast
 from kangaroo_fast import Adapter, AdapterConfig, ModelConfig

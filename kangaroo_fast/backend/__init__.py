@@ -2,20 +2,48 @@
 
 The engine calls only the ops of a backend object; it never calls ``torch.nn.functional`` or a kernel itself.
 ``TorchBackend`` is the reference: it runs on any device, and it is the oracle every kernel test compares against.
+``TritonBackend`` runs the same ops as fused Triton kernels; it is the default for models on a CUDA device when
+triton is installed. It is imported on first use, so ``import kangaroo_fast`` needs no triton.
 """
 from __future__ import annotations
 
+import torch
+
 from .torch_ref import TorchBackend
 
-BACKENDS = {"torch": TorchBackend}
+
+def _triton_backend():
+    from .triton_backend import TritonBackend
+
+    return TritonBackend()
+
+
+BACKENDS = {"torch": TorchBackend, "triton": _triton_backend}
 
 
 def get_backend(name: str = "torch"):
     """Return the backend called ``name``; a clear error names the choices."""
     try:
-        return BACKENDS[name]()
+        make = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(sorted(BACKENDS))}") from None
+    return make()
 
 
-__all__ = ["TorchBackend", "get_backend", "BACKENDS"]
+def default_backend_name(device: torch.device | str) -> str:
+    """'triton' for CUDA devices when triton is installed, else 'torch' (the CPU path)."""
+    from .triton_backend import triton_available
+
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+
+
+def resolve_backend(backend, device: torch.device | str):
+    """A backend object from an object, a name, or None (the device's default)."""
+    if backend is None:
+        return get_backend(default_backend_name(device))
+    if isinstance(backend, str):
+        return get_backend(backend)
+    return backend
+
+
+__all__ = ["TorchBackend", "get_backend", "default_backend_name", "resolve_backend", "BACKENDS"]

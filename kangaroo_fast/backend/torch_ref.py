@@ -132,6 +132,59 @@ class TorchBackend:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=d ** -0.5)
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
+    # ---- fused ops: compositions of the ops above here, one kernel each in the Triton backend --------------------
+    @staticmethod
+    def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+        """linear(rms_norm(x)) for x [..., K] -> [..., N]."""
+        return TorchBackend.linear(TorchBackend.rms_norm(x, norm_weight, eps), weight, bias)
+
+    @staticmethod
+    def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x @ weight.T (the attention output projection)."""
+        return residual + TorchBackend.linear(x, weight)
+
+    @staticmethod
+    def norm_mlp_residual(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
+                          w_down: torch.Tensor) -> torch.Tensor:
+        """x + mlp(rms_norm(x)): the second half of a decoder layer."""
+        return x + TorchBackend.mlp(TorchBackend.rms_norm(x, norm_weight, eps), w_gate_up, w_down)
+
+    @staticmethod
+    def qkv_rope_cache_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+                             b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                             v_cache: torch.Tensor, start: int | torch.Tensor, num_heads: int,
+                             num_kv_heads: int) -> torch.Tensor:
+        """rope_cache_write(norm_linear(x)) for x [B, T, H] at positions start..start+T-1 (per sequence with a [B]
+        tensor ``start``); ``cos``/``sin`` are the whole [S, D] tables in the activation dtype. Returns q as
+        [B, Hq, T, D]."""
+        t = x.shape[1]
+        qkv = TorchBackend.norm_linear(x, norm_weight, eps, w_qkv, b_qkv)
+        if isinstance(start, int):
+            rows = slice(start, start + t)
+        else:  # positions past the table (a short sequence's padding) read its last row; their writes are dropped
+            rows = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=cos.shape[0] - 1)
+        return TorchBackend.rope_cache_write(qkv, cos[rows], sin[rows], k_cache, v_cache, start, num_heads,
+                                             num_kv_heads)
+
+    @staticmethod
+    def draft_propose(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
+                      draft_vocab: torch.Tensor | None = None,
+                      threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adapter output [B, H] -> (draft token id [B] (through the draft vocabulary, if any), its probability [B],
+        keep drafting [B] = probability >= threshold)."""
+        index, prob = TorchBackend.draft_head(x, norm_weight, eps, head_weight)
+        token = index if draft_vocab is None else draft_vocab[index]
+        return token, prob, prob >= threshold
+
+    @staticmethod
+    def verify_accept(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
+                      drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Deep states [B, k+1, H] and drafts [B, k] -> (targets [B, k+1], accepted length [B], bonus token [B])."""
+        targets = TorchBackend.verify_head(x, norm_weight, eps, head_weight)
+        accepted = TorchBackend.accept(drafts, targets)
+        return targets, accepted, targets.gather(1, accepted[:, None])[:, 0]
+
     # ---- heads -------------------------------------------------------------------------------------------------
     @staticmethod
     def draft_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,

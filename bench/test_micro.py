@@ -132,10 +132,10 @@ def test_step(benchmark, recorder, device, dtype, shape, step, provider):
 
     def step_fn(engine):
         if step == "draft_step":
-            return lambda: engine.draft(11, pos, settings, 1, set())
+            return lambda: engine.draft([11], [pos], settings, [1], set())
         states = torch.Generator().manual_seed(3)
         engine.shallow_states.copy_(torch.randn(engine.shallow_states.shape, generator=states))
-        return lambda: engine.verify(pos, T - 1, l)
+        return lambda: engine._targets(engine.verify([pos], T - 1, l))
 
     engine = engine_for(shape, provider, dtype, device)
     kv_read = 2 * pos * engine.cfg.kv_size * engine.w.embed.element_size()

@@ -494,7 +494,10 @@ def markdown_table(result: dict) -> str:
     if mismatched:
         notes.append("Outputs differing from HF greedy (id#turn@first differing token): " + "; ".join(
             f"{METHOD_LABELS[m]}: {', '.join(overall[m]['mismatches'])}" for m in mismatched))
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    if result.get("batch"):
+        text += "\n" + batch_markdown(result["batch"])
+    return text
 
 
 def plot_speedups(result: dict, path: Path) -> None:
@@ -533,6 +536,81 @@ def write_results(result: dict, output_dir: Path, stem: str) -> dict[str, Path]:
     paths["markdown"].write_text(markdown_table(result))
     plot_speedups(result, paths["plot"])
     return paths
+
+
+# ---- batch sizes --------------------------------------------------------------------------------------------------
+BATCH_METHODS = ("vanilla", "kangaroo")
+
+
+def run_batch_sizes(model, samples: list[Sample], batch_sizes: Iterable[int], max_new_tokens: int,
+                    settings: dict | None = None, encode: Callable[[list[dict]], torch.Tensor] | None = None,
+                    progress: bool = False) -> dict:
+    """This engine's vanilla mode and Kangaroo on the samples' first turns, decoded in batches of each size.
+
+    For batch size B the prompts go in consecutive groups of B (the last group may be smaller); per group the two
+    methods run one after the other (the order rotating), each as one ``generate`` call on the whole group, timed
+    from the call to its return. Reports per B and method: tokens/s (all new tokens over all seconds), the speedup
+    of Kangaroo over vanilla at the same B, the speedup over vanilla at batch 1, and how many sequences equal the
+    same method's batch-1 output token for token (float32 guarantees it; bf16 may round differently per batch).
+    """
+    sizes = list(batch_sizes)
+    for b in sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch size {b!r} must be an integer >= 1")
+    if not samples:
+        raise ValueError("no prompts to benchmark")
+    if model.adapter is None:
+        raise ValueError("the batch-size axis compares with Kangaroo: the model needs an adapter")
+    if 1 not in sizes:
+        sizes = [1] + sizes  # the reference for equality and for the speedup over batch 1
+    sizes = sorted(set(sizes))
+    settings = {**model.default_settings(), **(settings or {})}
+    encode = encode or chat_encoder(model)
+    prompts = [encode([{"role": "user", "content": s.turns[0]}])[0] for s in samples]
+    model.generate(prompts[:min(2, len(prompts))], max_new_tokens=2, speculate=True, **settings)  # warm-up
+
+    from tqdm.auto import tqdm
+
+    outputs: dict[tuple[int, str], list[list[int]]] = {}
+    seconds: dict[tuple[int, str], float] = defaultdict(float)
+    rotation = 0
+    for b in tqdm(sizes, desc="batch sizes", disable=not progress):
+        for start in range(0, len(prompts), b):
+            group = prompts[start:start + b]
+            order = BATCH_METHODS[rotation % 2:] + BATCH_METHODS[:rotation % 2]
+            rotation += 1
+            for method in order:
+                begin = time.perf_counter()
+                outs = model.generate(group, max_new_tokens=max_new_tokens, speculate=method == "kangaroo",
+                                      **settings)
+                seconds[b, method] += time.perf_counter() - begin
+                outputs.setdefault((b, method), []).extend(o.tokens for o in outs)
+    rows = []
+    for b in sizes:
+        for method in BATCH_METHODS:
+            tokens = sum(len(t) for t in outputs[b, method])
+            rate = tokens / seconds[b, method] if seconds[b, method] > 0 else 0.0
+            rows.append({"batch_size": b, "method": method, "new_tokens": tokens, "seconds": seconds[b, method],
+                         "tokens_per_s": rate,
+                         "same_as_batch_1": sum(x == y for x, y in zip(outputs[b, method], outputs[1, method]))})
+    by_key = {(r["batch_size"], r["method"]): r for r in rows}
+    for r in rows:
+        vanilla_same_b, vanilla_1 = by_key[r["batch_size"], "vanilla"], by_key[1, "vanilla"]
+        r["speedup_vs_vanilla"] = r["tokens_per_s"] / vanilla_same_b["tokens_per_s"]
+        r["speedup_vs_vanilla_batch_1"] = r["tokens_per_s"] / vanilla_1["tokens_per_s"]
+    return {"prompts": len(prompts), "batch_sizes": sizes, "max_new_tokens": max_new_tokens, "rows": rows}
+
+
+def batch_markdown(batch: dict) -> str:
+    lines = [f"Batch sizes ({batch['prompts']} first turns, {batch['max_new_tokens']} new tokens; speedups are "
+             "tokens/s ratios):", "",
+             "| batch | method | tokens/s | × vanilla (same batch) | × vanilla batch 1 | = batch-1 output |",
+             "|---|---|---|---|---|---|"]
+    for r in batch["rows"]:
+        lines.append(f"| {r['batch_size']} | {METHOD_LABELS[r['method']]} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup_vs_vanilla']:.2f} | {r['speedup_vs_vanilla_batch_1']:.2f} | "
+                     f"{r['same_as_batch_1']}/{batch['prompts']} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- tune ---------------------------------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def cmd_bench(args) -> int:
         args.per_category = QUICK["per_category"]
     for name in ("per_category", "max_new_tokens", "prompt_lookup_tokens"):
         _check_positive(name, getattr(args, name))
+    for size in args.batch_sizes or []:
+        _check_positive("batch size", size)
     methods = benchmark.check_methods(args.methods)
     if args.readme is not None:
         benchmark.check_readme(args.readme)
@@ -101,6 +103,9 @@ def cmd_bench(args) -> int:
     model = kf.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
     result = benchmark.run_benchmark(model, samples, methods, args.max_new_tokens, _settings(args),
                                      prompt_lookup_tokens=args.prompt_lookup_tokens, progress=True)
+    if args.batch_sizes:
+        result["batch"] = benchmark.run_batch_sizes(model, samples, args.batch_sizes, args.max_new_tokens,
+                                                    _settings(args), progress=True)
     result = {"command": "kangaroo-fast " + " ".join(args.argv),
               "model": _model_name(args), "prompts": str(args.questions or args.prompts), "quick": args.quick,
               "machine": benchmark.machine_info(), **result}
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=None)
     bench.add_argument("--max-draft-steps", type=int, default=None)
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                       help="also decode the first turns in batches of these sizes (vanilla and Kangaroo)")
     bench.add_argument("--readme", type=Path, default=None,
                        help="rewrite this README's benchmark block with the run's tables, plot and command")
     bench.set_defaults(func=cmd_bench)

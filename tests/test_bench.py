@@ -107,6 +107,7 @@ def test_shipped_prompts_and_per_category():
     (["bench", "--per-category", "0"], "--per-category=0"),
     (["bench", "--max-new-tokens", "0"], "--max-new-tokens=0"),
     (["bench", "--prompt-lookup-tokens", "0"], "--prompt-lookup-tokens=0"),
+    (["bench", "--batch-sizes", "2", "0"], "--batch size=0"),
     (["tune", "--held-out", "0"], "--held-out=0"),
     (["tune", "--per-category", "-1"], "--per-category=-1"),
 ])
@@ -278,6 +279,36 @@ def test_cli_bench_quick_writes_results(tiny, tmp_path, monkeypatch, capsys):
     assert all(r["turn"] == 0 for r in data["records"])
     assert (tmp_path / "quick.md").exists() and (tmp_path / "quick.png").exists()
     assert "| kangaroo_fast Kangaroo |" in capsys.readouterr().out
+
+
+def test_batch_sizes_axis(tiny):
+    samples = SAMPLES + [benchmark.Sample("q1", "qa", ["what is the capital"]),
+                         benchmark.Sample("q2", "qa", ["zzzz yyyy"])]
+    batch = benchmark.run_batch_sizes(tiny, samples, [4, 2], max_new_tokens=7, encode=byte_encoder)
+    assert batch["batch_sizes"] == [1, 2, 4]  # batch 1 added as the reference
+    assert [(r["batch_size"], r["method"]) for r in batch["rows"]] == [
+        (b, m) for b in (1, 2, 4) for m in ("vanilla", "kangaroo")]
+    for r in batch["rows"]:
+        assert r["same_as_batch_1"] == len(samples)  # float32: every batched sequence equals its batch-1 output
+        assert r["new_tokens"] == len(samples) * 7 and r["tokens_per_s"] > 0
+        if r["method"] == "vanilla":
+            assert r["speedup_vs_vanilla"] == 1.0
+    assert batch["rows"][0]["speedup_vs_vanilla_batch_1"] == 1.0
+    table = benchmark.batch_markdown(batch)
+    assert table.count("\n| ") == 1 + 6 and "| 4 | kangaroo_fast Kangaroo |" in table
+    with pytest.raises(ValueError, match="batch size 0"):
+        benchmark.run_batch_sizes(tiny, samples, [0], max_new_tokens=3, encode=byte_encoder)
+
+
+def test_cli_bench_batch_sizes_in_results(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
+    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    code = cli.main(["bench", "--quick", "--methods", "hf", "vanilla", "kangaroo", "--max-new-tokens", "4",
+                     "--batch-sizes", "1", "3", "--output-dir", str(tmp_path), "--name", "b"])
+    assert code == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["batch"]["batch_sizes"] == [1, 3] and data["batch"]["prompts"] == 6
+    assert "Batch sizes (6 first turns" in (tmp_path / "b.md").read_text()
 
 
 def test_tune_grid(tiny):

@@ -383,3 +383,17 @@ def test_micro_harness_statistics(monkeypatch):
     assert harness.providers()[0] == "torch"
     cos, sin = harness.rope_table(9, 6)
     assert torch.allclose(cos ** 2 + sin ** 2, torch.ones(9, 6)) and torch.equal(cos[:, :3], cos[:, 3:])
+
+
+def test_microbenchmarks_run_against_the_current_engine(tmp_path):
+    """The microbenchmarks call the engine's phases directly: one quick pass (timing off) catches a signature
+    drift that would otherwise surface only in `make bench`."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(root / "bench" / "test_micro.py"), "-k", "smollm2", "--benchmark-disable",
+                             "--micro-output", str(tmp_path / "micro")],
+                            cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

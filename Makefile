@@ -37,10 +37,13 @@ bench: $(STAMP)
 
 # Kernel tests (compiled on a GPU, interpreted on CPU), the sm_80/sm_90 compile check, the Triton decode against the
 # reference, the graph replay (skipped without CUDA), then the kernel timings (without CUDA: the case plan only).
-bench-gpu: $(STAMP)
-	$(PY) -m pytest -q tests/test_kernels.py tests/test_kernel_compile.py tests/test_triton_backend.py \
-		tests/test_graphs.py tests/test_bench_gpu.py
-	$(PY) bench/gpu.py --output bench/results/gpu.json
+# It needs no virtualenv: a GPU image (torch, triton, transformers, pytest; no pip) runs it from the checkout with
+# its own interpreter, GPU_PY.
+GPU_PY ?= python3
+bench-gpu:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q tests/test_kernels.py tests/test_kernel_compile.py \
+		tests/test_triton_backend.py tests/test_graphs.py tests/test_bench_gpu.py
+	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu.py --output bench/results/gpu.json
 
 train-default: $(STAMP)
 	$(PY) -m kangaroo_fast.cli train --recipe kangaroo_fast/train/default_recipe.json \

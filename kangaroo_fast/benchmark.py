@@ -561,9 +561,7 @@ def run_batch_sizes(model, samples: list[Sample], batch_sizes: Iterable[int], ma
         raise ValueError("no prompts to benchmark")
     if model.adapter is None:
         raise ValueError("the batch-size axis compares with Kangaroo: the model needs an adapter")
-    if 1 not in sizes:
-        sizes = [1] + sizes  # the reference for equality and for the speedup over batch 1
-    sizes = sorted(set(sizes))
+    sizes = sorted(set(sizes) | {1})  # batch 1: the reference for equality and for the speedup over batch 1
     settings = {**model.default_settings(), **(settings or {})}
     encode = encode or chat_encoder(model)
     prompts = [encode([{"role": "user", "content": s.turns[0]}])[0] for s in samples]

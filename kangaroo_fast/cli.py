@@ -95,7 +95,7 @@ def cmd_bench(args) -> int:
     for name in ("per_category", "max_new_tokens", "prompt_lookup_tokens"):
         _check_positive(name, getattr(args, name))
     for size in args.batch_sizes or []:
-        _check_positive("batch size", size)
+        _check_positive("batch_sizes", size)
     methods = benchmark.check_methods(args.methods)
     if args.readme is not None:
         benchmark.check_readme(args.readme)

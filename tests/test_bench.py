@@ -107,7 +107,7 @@ def test_shipped_prompts_and_per_category():
     (["bench", "--per-category", "0"], "--per-category=0"),
     (["bench", "--max-new-tokens", "0"], "--max-new-tokens=0"),
     (["bench", "--prompt-lookup-tokens", "0"], "--prompt-lookup-tokens=0"),
-    (["bench", "--batch-sizes", "2", "0"], "--batch size=0"),
+    (["bench", "--batch-sizes", "2", "0"], "--batch-sizes=0"),
     (["tune", "--held-out", "0"], "--held-out=0"),
     (["tune", "--per-category", "-1"], "--per-category=-1"),
 ])

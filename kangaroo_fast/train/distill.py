@@ -29,6 +29,7 @@ class Recipe:
     exit_layer: int = 2
     candidate_exit_layers: list[int] = field(default_factory=lambda: [2])
     n_instructions: int = 800
+    n_bootstrap: int = 0  # second-stage instructions built on the first stage's answers (bootstrap_instructions)
     instruction_seed: int = 0
     max_new_tokens: int = 160
     doc_chars: int = 150_000

@@ -1006,3 +1006,112 @@ def local_documentation_texts(max_chars: int, seed: int = 0) -> list[str]:
         out.append(text)
         left -= len(text)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- second stage
+
+BOOTSTRAP_SUMMARIZE = [
+    "Summarize the following text in a few sentences:\n\n{p}",
+    "Give a one-paragraph summary of this:\n\n{p}",
+    "What are the main points of the passage below?\n\n{p}",
+    "Write a short summary, at most three sentences, of the following text.\n\n{p}",
+    "Here is an article:\n\n{p}\n\nSummarize it for someone who has no time to read it.",
+    "Condense this into a few bullet points:\n\n{p}",
+    "Read this and tell me briefly what it says.\n\n\"{p}\"",
+]
+BOOTSTRAP_CONTEXT_QA = [
+    "Use the context below to answer the question.\n\nContext: {p}\n\nQuestion: {q}",
+    "Answer the question using only the information in the document.\n\nDocument:\n{p}\n\nQuestion: {q}",
+    "{p}\n\nBased on the text above, {q_lower}",
+    "Here are my notes:\n{p}\n\nFrom these notes, {q_lower}",
+]
+BOOTSTRAP_SENTENCE = [
+    "Can you explain this in more detail: \"{s}\"",
+    "Give me an example that illustrates this: {s}",
+    "Is this true? \"{s}\" Explain why or why not.",
+    "Rewrite this sentence in simpler words: {s}",
+    "Translate into {lang}: {s}",
+    "How would you say this in {lang}? \"{s}\"",
+    "Please translate the following sentence to {lang}.\n\n{s}",
+    "Turn this sentence into a question and answer it: {s}",
+]
+BOOTSTRAP_REWRITE = [
+    "Rewrite the following paragraph so that a child could understand it:\n\n{p}",
+    "Make this text more formal:\n\n{p}",
+    "Shorten this paragraph without losing its meaning:\n\n{p}",
+    "Suggest a good title for this text and explain your choice.\n\n{p}",
+]
+BOOTSTRAP_LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
+BOOTSTRAP_KINDS = {"summarize": 3, "context_qa": 2, "sentence": 4, "rewrite": 1}
+
+
+def _sentences(text: str) -> list[str]:
+    """Plain sentences of 40..220 characters, without list markers or markdown."""
+    out = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).replace("**", "").strip()
+        for s in re.split(r"(?<=[.!?])\s+", line):
+            if 40 <= len(s) <= 220 and s[0].isupper() and s[-1] in ".!?" and "#" not in s:
+                out.append(s)
+    return out
+
+
+def _passage(text: str, rng: random.Random, max_chars: int = 1200) -> str | None:
+    """The answer's leading paragraphs up to ``max_chars`` (cut at a paragraph or sentence end); None if short."""
+    text = text.strip()
+    if len(text) < 200:
+        return None
+    if len(text) <= max_chars:
+        return text
+    cut = text.rfind("\n\n", 0, max_chars)
+    if cut < 300:
+        cut = max(text.rfind(". ", 0, max_chars) + 1, 0)
+    return text[:cut].strip() if cut >= 300 else None
+
+
+def bootstrap_instructions(instructions: list[str], answers: list[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` second-stage instructions built on the base model's own first-stage answers (the text after each
+    instruction): summaries and rewrites of an answer, questions over an answer as context (the first-stage
+    instruction as the question), and follow-ups, translations and rewrites of one of its sentences.
+
+    The first stage's topics come from short lists; the answers range much wider, so this stage carries that
+    wider vocabulary into realistic long-context prompts (summaries, retrieval) without any outside text.
+    Deterministic for (inputs, seed); like ``training_instructions``, nothing overlaps a bench prompt.
+    """
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    if len(instructions) != len(answers):
+        raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
+    keep = _BenchFilter(bench_prompts())
+    rng = random.Random(f"{seed}/bootstrap")
+    kinds, weights = list(BOOTSTRAP_KINDS), list(BOOTSTRAP_KINDS.values())
+    seen: set[str] = set()
+    out: list[str] = []
+    misses = 0
+    while len(out) < n:
+        if misses > 20 * max(n, 100) or not answers:
+            raise ValueError(f"only {len(out)} distinct second-stage instructions from {len(answers)} answers, "
+                             f"asked for {n}")
+        i = rng.randrange(len(answers))
+        kind = rng.choices(kinds, weights=weights)[0]
+        text = None
+        if kind in ("summarize", "rewrite", "context_qa"):
+            p = _passage(answers[i], rng)
+            if p is not None and kind == "summarize":
+                text = rng.choice(BOOTSTRAP_SUMMARIZE).format(p=p)
+            elif p is not None and kind == "rewrite":
+                text = rng.choice(BOOTSTRAP_REWRITE).format(p=p)
+            elif p is not None and len(instructions[i]) <= 200 and "\n" not in instructions[i]:
+                q = instructions[i].strip()
+                text = rng.choice(BOOTSTRAP_CONTEXT_QA).format(p=p, q=q, q_lower=q[0].lower() + q[1:])
+        else:
+            sentences = _sentences(answers[i])
+            if sentences:
+                text = rng.choice(BOOTSTRAP_SENTENCE).format(s=rng.choice(sentences),
+                                                             lang=rng.choice(BOOTSTRAP_LANGUAGES))
+        if text is None or text in seen or not keep.allows(text):
+            misses += 1
+            continue
+        seen.add(text)
+        out.append(text)
+    return out

@@ -20,22 +20,46 @@ DRAFT_STEPS = (4, 6, 8)
 
 
 def build_corpus(packed, tokenizer, recipe: Recipe, eos: set[int], work_dir: Path, progress: bool) -> dict:
-    """{'sequences': [[ids]], 'starts': [answer start or -1 for documentation chunks]} (cached)."""
-    from .instructions import local_documentation_texts, training_instructions
+    """{'sequences': [[ids]], 'starts': [answer start or -1 for documentation chunks]} (cached).
+
+    Stage 1 answers ``recipe.n_instructions`` written instructions; stage 2 answers ``recipe.n_bootstrap``
+    instructions built on the stage-1 answers (summaries, questions over them as context, follow-ups and
+    translations of their sentences). Each stage is cached on its own, so an interrupted run resumes."""
+    from .instructions import bootstrap_instructions, local_documentation_texts, training_instructions
 
     path = work_dir / "corpus.json"
     if path.exists():
         return json.loads(path.read_text())
+    work_dir.mkdir(parents=True, exist_ok=True)
     instructions = training_instructions(recipe.n_instructions, seed=recipe.instruction_seed)
-    answers = generate_answers(packed, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
-                               eos, progress)
-    starts = [len(chat_ids(tokenizer, text)) for text in instructions]
+    stage1 = _answered(packed, tokenizer, instructions, recipe, eos, work_dir / "corpus-stage1.json", progress)
+    sequences, starts = list(stage1["sequences"]), list(stage1["starts"])
+    if recipe.n_bootstrap:
+        answers = [tokenizer.decode(seq[start:], skip_special_tokens=True)
+                   for seq, start in zip(stage1["sequences"], stage1["starts"])]
+        second = bootstrap_instructions(instructions, answers, recipe.n_bootstrap, seed=recipe.instruction_seed)
+        stage2 = _answered(packed, tokenizer, second, recipe, eos, work_dir / "corpus-stage2.json", progress)
+        sequences += stage2["sequences"]
+        starts += stage2["starts"]
     docs = document_chunks(tokenizer, local_documentation_texts(recipe.doc_chars, seed=recipe.seed),
                            recipe.doc_chunk_tokens) if recipe.doc_chars else []
-    corpus = {"sequences": answers + docs, "starts": starts + [-1] * len(docs)}
-    work_dir.mkdir(parents=True, exist_ok=True)
+    corpus = {"sequences": sequences + docs, "starts": starts + [-1] * len(docs)}
     path.write_text(json.dumps(corpus))
     return corpus
+
+
+def _answered(packed, tokenizer, instructions: list[str], recipe: Recipe, eos: set[int], path: Path,
+              progress: bool) -> dict:
+    """The base model's greedy answers to ``instructions`` as {'sequences', 'starts'}, cached at ``path``."""
+    if path.exists():
+        stage = json.loads(path.read_text())
+        if len(stage["sequences"]) == len(instructions):
+            return stage
+    answers = generate_answers(packed, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
+                               eos, progress)
+    stage = {"sequences": answers, "starts": [len(chat_ids(tokenizer, text)) for text in instructions]}
+    path.write_text(json.dumps(stage))
+    return stage
 
 
 def split(corpus: dict, recipe: Recipe) -> tuple[list[int], list[int]]:

@@ -4,9 +4,14 @@ against the measured copy bandwidth of the device. Writes one JSON with the mach
     python bench/gpu.py --output bench/results/gpu.json [--models smollm2-135m vicuna-7b] [--dtype bfloat16]
                         [--context 2048]
 
+Then the decode steps as the engine replays them, in CUDA graphs over random weights: a draft step (one
+proposal: layers 0..l-1, the adapter and the draft head) and a verification step (layers l..L-1 and the LM head over
+7 rows), each against its bytes floor (the weights and caches it must read once, at the measured copy bandwidth).
+Last, the end-to-end greedy decode of the embedded model on CUDA in float32 against HF ``generate`` (skipped, with
+the reason recorded, where the model cannot be loaded: pass --e2e-model DIR with a local copy).
+
 Without a CUDA device (or with --plan) nothing is timed: the JSON lists the cases that would run, with
-"timed": false, so CI checks the case list, the byte counts and the writer. Decode-step and end-to-end timings are
-not part of this script yet.
+"timed": false, so CI checks the case list, the byte counts and the writer.
 """
 from __future__ import annotations
 
@@ -114,6 +119,84 @@ def cases(models: list[str], dtype: torch.dtype, context: int, device: str) -> l
     return out
 
 
+def step_cases(models: list[str], dtype: torch.dtype, context: int) -> list[dict]:
+    """The graphed decode steps per model with the bytes each must read at least once: weights (the draft head is
+    the draft vocabulary's rows) and the cached keys/values of ``context`` positions per layer it runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    size = torch.empty((), dtype=dtype).element_size()
+    out = []
+    for name in models:
+        s = harness.shapes(torch.device("cuda"))[name]
+        cfg = s.config()
+        layer = (cfg.qkv_size * s.hidden + s.hidden * cfg.q_size + 3 * s.intermediate * s.hidden + 2 * s.hidden) * size
+        kv = 2 * context * cfg.kv_size * size
+        adapter = (cfg.qkv_size * s.hidden + s.hidden * cfg.q_size + 2 * s.hidden) * size
+        draft_head = (s.draft_vocab or s.vocab) * s.hidden * size
+        l, n = harness.EXIT_LAYER, s.model_layers
+        out.append({"step": "draft", "model": name, "rows": 1, "layers": l,
+                    "bytes_floor": l * (layer + kv) + adapter + kv + draft_head})
+        out.append({"step": "verify", "model": name, "rows": harness.VERIFY_TOKENS, "layers": n - l,
+                    "bytes_floor": (n - l) * (layer + kv) + s.vocab * s.hidden * size})
+    return out
+
+
+def time_steps(rows: list[dict], dtype: torch.dtype, context: int, peak_gbs: float) -> None:
+    """Capture and replay each step at ``context`` cached positions; add its time and its ratio to the floor."""
+    from triton.testing import do_bench
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    device = torch.device("cuda")
+    harness.CONTEXT = context  # the engine's caches hold ``context`` positions before the step
+    for model in sorted({r["model"] for r in rows}):
+        engine = harness.random_engine(harness.shapes(device)[model], "triton", dtype, device)
+        graphs = engine.decode_graphs(harness.EXIT_LAYER, 0.0)
+        position = torch.full((1,), context, dtype=torch.int64, device=device)
+        token = torch.full((1, 1), 11, dtype=torch.int64, device=device)
+        t = harness.VERIFY_TOKENS
+        states = torch.randn(1, t, engine.cfg.hidden_size, device=device).to(dtype)
+        drafts = torch.full((1, t - 1), 11, dtype=torch.int64, device=device)
+        run = {"draft": lambda: graphs.draft_step(token, position),
+               "verify": lambda: graphs.verify_step(states, drafts, position)}
+        for row in rows:
+            if row["model"] == model:
+                ms = do_bench(run[row["step"]])
+                floor_ms = row["bytes_floor"] / peak_gbs / 1e6
+                row.update(graph_ms=ms, floor_ms=floor_ms, ratio_to_floor=ms / floor_ms,
+                           gbs=row["bytes_floor"] / ms / 1e6)
+        del engine, graphs
+        torch.cuda.empty_cache()
+
+
+def end_to_end(model_dir: str | None, max_new_tokens: int = 48, prompts: int = 4) -> dict:
+    """The embedded model (or ``model_dir``) on CUDA in float32, greedy, graphs on: token-identical to HF?"""
+    import kangaroo_fast
+    from kangaroo_fast.api import DEFAULT_ADAPTER_DIR
+    from kangaroo_fast.benchmark import load_prompts
+
+    try:
+        km = kangaroo_fast.load(model_dir, dtype=torch.float32, device="cuda",
+                                adapter=None if model_dir is None else DEFAULT_ADAPTER_DIR)
+    except Exception as error:  # noqa: BLE001 - recorded, not hidden: the JSON says why e2e did not run
+        return {"ran": False, "reason": f"{type(error).__name__}: {error}"}
+    out = {"ran": True, "graph_mode": km.engine.graph_mode, "backend": km.engine.ops.name, "prompts": []}
+    for sample in load_prompts()[:prompts]:
+        ids = km.encode(sample.turns[0]).to("cuda")
+        ids = ids if ids.ndim == 2 else ids[None]
+        ours = kangaroo_fast.generate(ids, model=km, max_new_tokens=max_new_tokens)
+        with torch.no_grad():
+            hf = km.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False)[0, ids.shape[1]:].tolist()
+        out["prompts"].append({"id": sample.id, "same_as_hf": ours.tokens == hf[:len(ours.tokens)] and
+                               len(ours.tokens) == len(hf), "mean_accepted": ours.stats.mean_accepted,
+                               "tokens_per_s": ours.stats.tokens_per_s})
+    out["all_same_as_hf"] = all(p["same_as_hf"] for p in out["prompts"])
+    return out
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (read + write) in GB/s: the ceiling memory-bound kernels are judged by."""
     from triton.testing import do_bench
@@ -149,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--context", type=int, default=2048, help="cached positions attention reads (>= 8)")
     parser.add_argument("--plan", action="store_true", help="list the cases without timing them")
+    parser.add_argument("--e2e-model", default=None, help="local HF model directory for the end-to-end check "
+                                                          "(default: the embedded model)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end check")
     args = parser.parse_args(argv)
     if args.context < 8:
         parser.error(f"--context={args.context} must be >= 8 (verification writes 7 rows at the cache's end)")
@@ -169,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             row.update(kernel_ms=kernel_ms, reference_ms=reference_ms, kernel_gbs=gbs, fraction_of_copy=gbs / peak,
                        speedup_vs_reference=reference_ms / kernel_ms)
         rows.append(row)
+    steps = step_cases(args.models, dtype, args.context)
+    if timed:
+        time_steps(steps, dtype, args.context, peak)
+    e2e = None
+    if timed and not args.no_e2e:
+        e2e = end_to_end(args.e2e_model)
     result = {"timed": timed, "dtype": args.dtype, "context": args.context, "copy_gbs": peak,
-              "machine": machine_info(), "cases": rows}
+              "machine": machine_info(), "cases": rows, "steps": steps, "end_to_end": e2e}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
     return 0

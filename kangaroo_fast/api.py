@@ -28,7 +28,7 @@ class KangarooModel:
     """A packed base model, its tokenizer, an optional adapter, and the engine that decodes with them."""
 
     def __init__(self, hf_model, tokenizer=None, adapter: Adapter | None = None, backend: str | None = None,
-                 max_cache_len: int | None = None):
+                 max_cache_len: int | None = None, graphs: bool | str | None = None):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.packed = pack_model(hf_model)
@@ -43,7 +43,7 @@ class KangarooModel:
             adapter = adapter.to(self.packed.device).eval()
         self.adapter = adapter
         self.engine = Engine(self.packed, resolve_backend(backend, self.packed.device), max_cache_len, adapter,
-                             adapter.config.max_draft_steps if adapter is not None else 6)
+                             adapter.config.max_draft_steps if adapter is not None else 6, graphs=graphs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,7 +166,7 @@ _DEFAULT: dict = {}
 
 
 def load(model=None, adapter=None, dtype=None, device=None, backend: str | None = None,
-         max_cache_len: int | None = None) -> KangarooModel:
+         max_cache_len: int | None = None, graphs: bool | str | None = None) -> KangarooModel:
     """Load a base model and its adapter.
 
     model: a local HF directory, a loaded ``PreTrainedModel``, or None for the embedded SmolLM2-135M-Instruct.
@@ -174,6 +174,8 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     embedded model; no adapter otherwise, which allows only ``speculate=False``).
     dtype/device: defaults are the fast dtype of the device (bfloat16 on CPUs with AVX512-BF16 and on CUDA).
     backend: "torch" (the reference), "triton" (fused kernels), or None: triton on CUDA when installed, else torch.
+    graphs: greedy decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA, False
+    turns them off, True insists on them (see ``Engine``).
     """
     if device is not None:
         device = torch.device(device)
@@ -187,7 +189,7 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
         adapter = Adapter.load(adapter, ModelConfig.from_hf(hf_model.config))
     elif adapter is not None and not isinstance(adapter, Adapter):
         raise TypeError(f"adapter must be a path or an Adapter, not {type(adapter).__name__}")
-    return KangarooModel(hf_model, tokenizer, adapter, backend=backend, max_cache_len=max_cache_len)
+    return KangarooModel(hf_model, tokenizer, adapter, backend=backend, max_cache_len=max_cache_len, graphs=graphs)
 
 
 def generate(prompt, model: KangarooModel | None = None, adapter=None,

@@ -18,7 +18,9 @@ Every draft token also runs through the adapter, so the adapter cache is complet
 Sequences of a batch keep their own positions; a finished sequence's cache rows are dropped (``keep_rows``), so
 it costs nothing afterwards. Batch 1 passes positions as plain ints, as before batching existed.
 Host syncs per round on the reference backend: one per draft step (the confidence test) and one for the accepted
-lengths (per-sequence attention adds one per call); on CPU these cost nothing.
+lengths (per-sequence attention adds one per call); on CPU these cost nothing. Greedy decoding on CUDA replays the
+draft, verify and vanilla steps as CUDA graphs (``graphs.py``, ``_graph_round``): one sync per draft step and one
+for the verification's targets, the minimum while the confidence test decides on the host whether to draft on.
 """
 from __future__ import annotations
 
@@ -85,11 +87,16 @@ class Engine:
     """Kangaroo decoding over packed weights, a static cache and one backend."""
 
     def __init__(self, packed: PackedModel, backend, max_len: int, adapter: Adapter | None = None,
-                 max_draft_steps: int = 6):
-        """``backend``: a backend object, its name, or None for the device's default (triton on CUDA)."""
+                 max_draft_steps: int = 6, graphs: bool | str | None = None):
+        """``backend``: a backend object, its name, or None for the device's default (triton on CUDA).
+
+        ``graphs``: greedy decode steps replayed as CUDA graphs (``graphs.py``). None: on where the backend is
+        triton on a CUDA device; True: on (an error elsewhere); False: off; ``"eager"``: the same graph loop
+        without capturing (runs anywhere; how the tests check that loop on CPU)."""
         self.w = packed
         self.cfg = packed.config
         self.ops = resolve_backend(backend, packed.device)
+        self.graph_mode = self._graph_mode(graphs)
         dtype, device = packed.dtype, packed.device
         if max_len > packed.rope_cos.shape[0]:
             raise ValueError(f"max_len={max_len} exceeds the RoPE table ({packed.rope_cos.shape[0]} positions)")
@@ -113,15 +120,44 @@ class Engine:
     def max_len(self) -> int:
         return self.cache.max_len
 
+    def _graph_mode(self, graphs: bool | str | None) -> str:
+        """"cuda", "eager" or "off" (see ``__init__``)."""
+        from .backend.triton_backend import TritonBackend
+
+        capturable = isinstance(self.ops, TritonBackend) and self.w.device.type == "cuda"
+        if graphs is None:
+            return "cuda" if capturable else "off"
+        if graphs is True:
+            if not capturable:
+                raise ValueError(f"graphs=True needs the triton backend on a CUDA device, not the {self.ops.name} "
+                                 f"backend on {self.w.device}")
+            return "cuda"
+        if graphs is False:
+            return "off"
+        if graphs == "eager":
+            return "eager"
+        raise ValueError(f"graphs={graphs!r} must be None, True, False or 'eager'")
+
+    def decode_graphs(self, exit_layer: int | None, threshold: float = 0.0):
+        """The replayable steps for one exit layer (None: the vanilla step), made on first use."""
+        from .graphs import DecodeGraphs
+
+        key = (exit_layer, threshold)
+        if key not in self._graph_sets:
+            self._graph_sets[key] = DecodeGraphs(self, exit_layer, threshold, capture=self.graph_mode == "cuda")
+        return self._graph_sets[key]
+
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
         """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
         c, dtype, device = self.cfg, self.w.dtype, self.w.device
+        self._graph_sets: dict = {}  # graphs hold pointers into the buffers made here: new buffers, new graphs
         self.cache = StaticKVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         if self.adapter is not None:
             self.adapter_cache = StaticKVCache(1, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         self._grow_draft_buffer(max_draft_steps)
 
     def _grow_draft_buffer(self, steps: int) -> None:
+        self._graph_sets = {}
         self.shallow_states = torch.empty(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
                                           device=self.w.device)
 
@@ -250,6 +286,36 @@ class Engine:
         return self._layers(self.shallow_states[:n, :num_drafts + 1], self._starts(pos), exit_layer,
                             self.cfg.num_layers)
 
+    def _graph_round(self, last: list[int], pos: list[int], settings: DecodeSettings, budget: list[int],
+                     eos: set[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """``draft`` then ``verify`` (greedy) as replays of the draft and verify steps' graphs: the drafts per
+        sequence and the targets [B][k + 1]. Host syncs: one per draft step, one for the targets."""
+        graphs = self.decode_graphs(settings.exit_layer, settings.threshold)
+        n, device = len(pos), self.w.device
+        position = torch.tensor(pos, dtype=torch.int64, device=device)
+        token = torch.tensor(last, dtype=torch.int64, device=device)[:, None]
+        drafting = [k > 0 for k in budget]
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        i = 0
+        while True:
+            h, draft, prob, _keep = graphs.draft_step(token, position + i)
+            self.shallow_states[:n, i:i + 1] = h
+            if not any(drafting):
+                break
+            i += 1
+            graphs.syncs += 1
+            for b, (t, conf) in enumerate(zip(draft.tolist(), prob.tolist())):
+                if drafting[b]:
+                    drafts[b].append(t)
+                    drafting[b] = i < budget[b] and conf >= settings.threshold and t not in eos
+            token = draft[:, None]  # stays on the device; copied into the step's static input before the replay
+        k = max(len(d) for d in drafts)
+        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=device)
+        targets, _accepted, _bonus = graphs.verify_step(self.shallow_states[:n, :k + 1], padded.view(n, k),
+                                                        position)
+        graphs.syncs += 1
+        return drafts, targets.tolist()
+
     @staticmethod
     def accept(drafts: list[int], targets: list[int]) -> int:
         """Longest prefix of drafts equal to the targets before them."""
@@ -257,6 +323,12 @@ class Engine:
         while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
             accepted += 1
         return accepted
+
+    @classmethod
+    def _emitted(cls, drafts: list[int], targets: list[int]) -> list[int]:
+        """Greedy: the accepted drafts plus the target after them (the bonus token)."""
+        accepted = cls.accept(drafts, targets)
+        return drafts[:accepted] + [targets[accepted]]
 
     def commit(self, pos: list[int], emitted: list[int]) -> list[int]:
         """Every sequence moves on by the tokens it emitted this round (accepted drafts + 1)."""
@@ -353,14 +425,25 @@ class Engine:
             # room for k drafts: k + 1 new tokens within max_new_tokens and within the cache
             budget = [min(settings.max_draft_steps, settings.max_new_tokens - len(tokens[i]) - 1,
                           self.max_len - p - 2) for i, p in zip(rows, pos)]
-            if speculate and max(budget) > 0:
-                drafts, q = self.draft(last, pos, settings, budget, eos, generator)
-                x = self.verify(pos, max(len(d) for d in drafts), settings.exit_layer)
-            else:
-                drafts, q = [[] for _ in rows], None
+            graphed = self.graph_mode != "off" and settings.greedy
+            if speculate and max(budget) > 0 and graphed:
+                drafts, targets = self._graph_round(last, pos, settings, budget, eos)
+                emitted = [self._emitted(d, t) for d, t in zip(drafts, targets)]
+            elif graphed:
+                drafts = [[] for _ in rows]
                 ids = torch.tensor(last, device=self.w.device)[:, None]
-                x = self._layers(self.ops.embed(ids, self.w.embed), self._starts(pos), 0, self.cfg.num_layers)
-            emitted = self._accept_round(x, drafts, q, settings, generator)
+                graphs = self.decode_graphs(None)
+                emitted = graphs.vanilla_step(ids, torch.tensor(pos, device=self.w.device)).tolist()
+                graphs.syncs += 1
+            else:
+                if speculate and max(budget) > 0:
+                    drafts, q = self.draft(last, pos, settings, budget, eos, generator)
+                    x = self.verify(pos, max(len(d) for d in drafts), settings.exit_layer)
+                else:
+                    drafts, q = [[] for _ in rows], None
+                    ids = torch.tensor(last, device=self.w.device)[:, None]
+                    x = self._layers(self.ops.embed(ids, self.w.embed), self._starts(pos), 0, self.cfg.num_layers)
+                emitted = self._accept_round(x, drafts, q, settings, generator)
             for r, (i, new) in enumerate(zip(rows, emitted)):
                 self._record(all_stats[i], len(drafts[r]), len(new) - 1)
                 for j, token in enumerate(new):
@@ -380,12 +463,7 @@ class Engine:
                       settings: DecodeSettings, generator: torch.Generator | None) -> list[list[int]]:
         """Per sequence, the accepted drafts plus one token, from the deep states x [B, K + 1, H]."""
         if settings.greedy:
-            targets = self._targets(x).tolist()
-            out = []
-            for d, t in zip(drafts, targets):
-                accepted = self.accept(d, t)
-                out.append(d[:accepted] + [t[accepted]])
-            return out
+            return [self._emitted(d, t) for d, t in zip(drafts, self._targets(x).tolist())]
         p = self._target_probs(x, settings)
         k = p.shape[1] - 1
         padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=p.device)

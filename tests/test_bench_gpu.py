@@ -42,6 +42,13 @@ def test_plan_lists_every_kernel_per_model_and_row_count(gpu_bench, tmp_path):
     assert vicuna_down["bytes_moved"] >= 4096 * 11008 * 2  # at least the bf16 weight
     attention = next(c for c in result["cases"] if c["kernel"] == "decode_attention" and c["model"] == "vicuna-7b")
     assert attention["bytes_moved"] >= 2 * 32 * 1024 * 128 * 2  # both caches, every position
+    steps = {(s["step"], s["model"]): s for s in result["steps"]}
+    assert set(steps) == {(step, model) for step in ("draft", "verify") for model in ("smollm2-135m", "vicuna-7b")}
+    # REFERENCE.md: a 7B draft step reads about 1.2 GB, a 7B forward about 13.2 GB (bf16 weights)
+    assert 1.0e9 < steps["draft", "vicuna-7b"]["bytes_floor"] < 1.4e9
+    assert 12.0e9 < steps["verify", "vicuna-7b"]["bytes_floor"] < 13.6e9
+    assert steps["verify", "vicuna-7b"]["layers"] == 30 and steps["draft", "vicuna-7b"]["rows"] == 1
+    assert result["end_to_end"] is None  # not timed: nothing ran
 
 
 def test_bad_arguments_name_the_value(gpu_bench, tmp_path):

@@ -1,43 +1,117 @@
-"""CUDA-graph capture and replay of the draft and verify steps (the replay checks need a CUDA device)."""
+"""The graph decode loop: its static-buffer discipline replayed eagerly on CPU against HF and the plain loop, and
+real CUDA-graph capture and replay where a CUDA device exists."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+import kangaroo_fast
+from kangaroo_fast.config import DecodeSettings
+from kangaroo_fast.graphs import DecodeGraphs, StepGraph
 
-import kangaroo_fast  # noqa: E402
-from kangaroo_fast.graphs import DecodeGraphs, StepGraph  # noqa: E402
-
-from conftest import early_exit_adapter, random_prompt, tiny_model  # noqa: E402
+from conftest import early_exit_adapter, hf_greedy, make_layers_identity, random_prompt, tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_graphs_refuse_the_reference_backend():
+def test_capture_refuses_the_reference_backend():
     model = tiny_model("llama", 3)
     km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="torch")
     with pytest.raises(ValueError, match="CUDA graphs run on the triton backend, not TorchBackend"):
         DecodeGraphs(km.engine, 2, 0.5)
+    with pytest.raises(ValueError, match="graphs=True needs the triton backend on a CUDA device, not the torch "
+                                         "backend on cpu"):
+        kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="torch", graphs=True)
+    with pytest.raises(ValueError, match="graphs='always' must be None, True, False or 'eager'"):
+        kangaroo_fast.load(model, backend="torch", graphs="always")
 
 
-def test_step_graph_refuses_cpu_inputs():
+def test_graphs_default_off_on_cpu():
+    model = tiny_model("llama", 3)
+    assert kangaroo_fast.load(model, backend="torch").engine.graph_mode == "off"
+
+
+def test_step_graph_refuses_cpu_inputs_for_capture():
     with pytest.raises(ValueError, match="static input 'token' is on cpu"):
         StepGraph(lambda token: (token,), {"token": torch.zeros(1, 1, dtype=torch.int64)})
 
 
+def test_eager_step_graph_copies_into_static_inputs_and_checks_shapes():
+    static = {"x": torch.zeros(2, 3)}
+    graph = StepGraph(lambda x: (x * 2,), static, capture=False)
+    new = torch.randn(2, 3)
+    (out,) = graph(x=new)
+    assert torch.equal(static["x"], new) and torch.equal(out, new * 2) and graph.replays == 1
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(1, 3\), the graph was captured for \(2, 3\)"):
+        graph(x=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"replay needs inputs \['x'\], got \['y'\]"):
+        graph(y=new)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("threshold,steps", [(0.0, 3), (0.4, 6), (1.0, 2)])
+def test_eager_graph_loop_matches_hf_and_plain_loop(kind, threshold, steps):
+    model = tiny_model(kind, 21)
+    adapter = early_exit_adapter(model, 2)
+    graphed = kangaroo_fast.load(model, adapter=adapter, backend="torch", dtype=torch.float32, graphs="eager")
+    plain = kangaroo_fast.load(model, adapter=adapter, backend="torch", dtype=torch.float32, graphs=False)
+    for seed, length in ((1, 1), (2, 7), (3, 23)):
+        prompt = random_prompt(model.config.vocab_size, length, seed)
+        settings = DecodeSettings(exit_layer=2, threshold=threshold, max_draft_steps=steps, max_new_tokens=20)
+        tokens, stats = graphed.engine.generate(prompt, settings, set())
+        plain_tokens, plain_stats = plain.engine.generate(prompt, settings, set())
+        assert tokens == hf_greedy(model, prompt, 20, eos_token_id=None)
+        assert (tokens, stats.rounds, stats.drafted_at, stats.accepted_at) == (
+            plain_tokens, plain_stats.rounds, plain_stats.drafted_at, plain_stats.accepted_at)
+    graphs = graphed.engine.decode_graphs(2, threshold)
+    assert graphs.replays > 0 and all(key[0] in ("draft", "verify") for key in graphs.graphs)
+
+
+def test_eager_graph_loop_counts_one_sync_per_draft_and_per_verify():
+    model = tiny_model("llama", 5)
+    make_layers_identity(model, 2)  # every draft accepted: rounds run all their draft steps
+    km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="torch", dtype=torch.float32,
+                            graphs="eager")
+    prompt = random_prompt(model.config.vocab_size, 9, 4)
+    settings = DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=4, max_new_tokens=26)
+    tokens, stats = km.engine.generate(prompt, settings, set())
+    assert tokens == hf_greedy(model, prompt, 26, eos_token_id=None)
+    graphs = km.engine.decode_graphs(2, 0.0)
+    verifies = sum(g.replays for key, g in graphs.graphs.items() if key[0] == "verify")
+    assert verifies == stats.rounds
+    # every round: k proposals (one sync each) plus one draft step for the last draft's own state, no sync
+    assert graphs.graphs[("draft", 1)].replays == stats.draft_steps + stats.rounds
+    assert graphs.syncs == stats.draft_steps + stats.rounds
+    assert stats.mean_accepted == 5.0  # all 4 drafts and the bonus, every round (25 tokens after the first)
+
+
+def test_eager_graph_loop_batch_and_vanilla_match_hf():
+    model = tiny_model("qwen2", 8)
+    km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 1), backend="torch", dtype=torch.float32,
+                            graphs="eager")
+    prompts = [random_prompt(model.config.vocab_size, n, n)[0] for n in (3, 11, 6)]
+    settings = DecodeSettings(exit_layer=1, threshold=0.2, max_draft_steps=3, max_new_tokens=15)
+    for speculate in (True, False):
+        outs = km.engine.generate_batch(prompts, settings, set(), speculate=speculate)
+        for p, (tokens, _) in zip(prompts, outs):
+            assert tokens == hf_greedy(model, p[None], 15, eos_token_id=None)
+    vanilla = km.engine.decode_graphs(None)
+    assert set(key[0] for key in vanilla.graphs) == {"vanilla"} and vanilla.replays > 0
+
+
 @needs_cuda
-def test_graph_replay_matches_eager_steps():
+def test_cuda_graph_replay_matches_eager_steps():
     model = tiny_model("llama", 11).to("cuda")
     km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), dtype=torch.float32)
     engine = km.engine
+    assert engine.graph_mode == "cuda"
     prompt = random_prompt(model.config.vocab_size, 9, 5).to("cuda")
     graphs = DecodeGraphs(engine, 2, 0.3)
     for position in (9, 10, 14):  # one graph serves every position
-        engine.cache.reset()
-        engine.adapter_cache.reset()
-        last = engine.prefill(prompt, 2)
-        token = torch.tensor([[last]], device="cuda")
+        engine.cache.reset(1)
+        engine.adapter_cache.reset(1)
+        x = engine.prefill(prompt, [9], 2)
+        token = engine._targets(x)
         pos = torch.tensor([position], device="cuda")
         h, draft, prob, keep = (t.clone() for t in graphs.draft_step(token, pos))
         eager = graphs._draft(token, pos)
@@ -50,3 +124,22 @@ def test_graph_replay_matches_eager_steps():
         for a, b in zip(replayed, graphs._verify(states, drafts, pos)):
             assert torch.equal(a, b)
     assert set(graphs.graphs) == {("draft", 1), ("verify", 1, 2)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_cuda_graph_decode_matches_hf_and_the_reference(threshold):
+    model = tiny_model("llama", 12).to("cuda")
+    adapter = early_exit_adapter(model, 2)
+    km = kangaroo_fast.load(model, adapter=adapter, dtype=torch.float32)
+    reference = kangaroo_fast.load(model, adapter=adapter, dtype=torch.float32, backend="torch")
+    assert km.engine.graph_mode == "cuda" and reference.engine.graph_mode == "off"
+    settings = DecodeSettings(exit_layer=2, threshold=threshold, max_draft_steps=4, max_new_tokens=24)
+    for seed, length in ((1, 3), (2, 17)):
+        prompt = random_prompt(model.config.vocab_size, length, seed).to("cuda")
+        tokens, stats = km.engine.generate(prompt, settings, set())
+        assert tokens == reference.engine.generate(prompt, settings, set())[0]
+        assert tokens == hf_greedy(model, prompt, 24, eos_token_id=None)
+    graphs = km.engine.decode_graphs(2, threshold)
+    assert all(g.graph is not None for g in graphs.graphs.values())  # captured, not eager
+    assert graphs.replays > 0

@@ -205,3 +205,18 @@ def test_cuda_model_uses_triton_and_matches_hf():
     km = kangaroo_fast.load(model.to("cuda"), adapter=early_exit_adapter(model, 2), dtype=torch.float32)
     assert isinstance(km.engine.ops, TritonBackend)
     assert km.generate(ids, max_new_tokens=NEW_TOKENS, threshold=0.3).tokens == ref
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_triton_graph_loop_matches_hf(decode_cases, speculate):
+    """The decode steps the CUDA path captures, run on the fused kernels through the graph loop: replayed eagerly
+    under the interpreter on CPU, captured and replayed on a GPU."""
+    model, prompts, refs = decode_cases["llama"]
+    graphs = "eager" if DEVICE == "cpu" else True
+    fused = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2, seed=3), backend="triton", device=DEVICE,
+                               graphs=graphs)
+    out = fused.generate(prompts[1], max_new_tokens=NEW_TOKENS, threshold=0.3, max_draft_steps=3,
+                         speculate=speculate)
+    assert out.tokens == refs[1]
+    steps = fused.engine.decode_graphs(2, 0.3) if speculate else fused.engine.decode_graphs(None)
+    assert steps.replays > 0 and steps.capture == (DEVICE != "cpu")

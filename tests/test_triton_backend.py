@@ -160,15 +160,17 @@ def test_triton_vanilla_decode_matches_hf(decode_cases):
 
 # ---- backend choice ----------------------------------------------------------------------------------------------
 def test_kangaroo_fast_imports_and_decodes_without_triton():
-    """triton is an optional extra: without it the package imports, CPU picks torch, and asking for triton says
-    what to install."""
+    """triton is an optional extra: without it the package imports, CPU keeps its default (onednn, or torch where
+    this torch has no packed linear), CUDA falls back to torch, and asking for triton says what to install."""
     code = """
 import sys
 sys.modules["triton"] = None  # import triton now raises ImportError
 import torch, kangaroo_fast
 from kangaroo_fast.backend import default_backend_name, get_backend, resolve_backend
-assert default_backend_name("cuda") == "torch" and default_backend_name("cpu") == "torch"
-assert type(resolve_backend(None, "cpu")).__name__ == "TorchBackend"
+from kangaroo_fast.backend.onednn import onednn_available
+cpu = "onednn" if onednn_available() else "torch"
+assert default_backend_name("cuda") == "torch" and default_backend_name("cpu") == cpu
+assert resolve_backend(None, "cpu").name == cpu
 try:
     get_backend("triton")
 except ImportError as error:
@@ -181,20 +183,27 @@ else:
 
 
 def test_backend_choice_follows_the_device():
-    assert default_backend_name("cpu") == "torch"
+    from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available
+
+    cpu_default = "onednn" if onednn_available() else "torch"
+    assert default_backend_name("cpu") == cpu_default
     assert default_backend_name(torch.device("cuda", 0)) == "triton"
     assert isinstance(resolve_backend(None, "cpu"), TorchBackend)
+    assert isinstance(resolve_backend(None, "cpu"), OneDNNBackend) == onednn_available()
     assert not isinstance(resolve_backend(None, "cpu"), TritonBackend)
     assert isinstance(get_backend("triton"), TritonBackend)
     ops = TorchBackend()
     assert resolve_backend(ops, "cpu") is ops
 
 
-def test_engine_on_cpu_defaults_to_the_reference():
+def test_engine_on_cpu_defaults_to_the_reference_maths():
+    """On CPU the default is the reference, or its oneDNN subclass (same maths; bf16 products on packed weights)."""
+    from kangaroo_fast.backend import default_backend_name
+
     model = tiny_model("llama", 3)
     engine = Engine(pack_model(model), None, 32)
-    assert type(engine.ops) is TorchBackend
-    assert type(kangaroo_fast.load(model).engine.ops) is TorchBackend
+    assert isinstance(engine.ops, TorchBackend) and not isinstance(engine.ops, TritonBackend)
+    assert kangaroo_fast.load(model).engine.ops.name == default_backend_name("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

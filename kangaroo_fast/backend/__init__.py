@@ -3,7 +3,8 @@
 The engine calls only the ops of a backend object; it never calls ``torch.nn.functional`` or a kernel itself.
 ``TorchBackend`` is the reference: it runs on any device, and it is the oracle every kernel test compares against.
 ``TritonBackend`` runs the same ops as fused Triton kernels; it is the default for models on a CUDA device when
-triton is installed. It is imported on first use, so ``import kangaroo_fast`` needs no triton.
+triton is installed. ``OneDNNBackend`` is the reference with its bf16 products on prepacked oneDNN weights: the
+default on CPU. It is imported on first use, so ``import kangaroo_fast`` needs no triton.
 """
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ def _triton_backend():
     return TritonBackend()
 
 
-BACKENDS = {"torch": TorchBackend, "triton": _triton_backend}
+def _onednn_backend():
+    from .onednn import OneDNNBackend
+
+    return OneDNNBackend()
+
+
+BACKENDS = {"torch": TorchBackend, "triton": _triton_backend, "onednn": _onednn_backend}
 
 
 def get_backend(name: str = "torch"):
@@ -31,10 +38,16 @@ def get_backend(name: str = "torch"):
 
 
 def default_backend_name(device: torch.device | str) -> str:
-    """'triton' for CUDA devices when triton is installed, else 'torch' (the CPU path)."""
+    """'triton' for CUDA devices when triton is installed; on CPU 'onednn' where this torch has oneDNN's packed
+    linear (its bf16 products on packed weights; everything else, float32 included, is the reference's); else
+    'torch'."""
+    from .onednn import onednn_available
     from .triton_backend import triton_available
 
-    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "triton" if triton_available() else "torch"
+    return "onednn" if kind == "cpu" and onednn_available() else "torch"
 
 
 def resolve_backend(backend, device: torch.device | str):

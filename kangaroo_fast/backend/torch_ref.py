@@ -26,16 +26,17 @@ class TorchBackend:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
 
-    @staticmethod
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight.T (+ bias); weight is [N, K] as in nn.Linear."""
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T (+ bias); weight is [N, K] as in nn.Linear. Every product of every op goes through here
+        (a subclass may compute it differently, e.g. ``OneDNNBackend`` on prepacked weights)."""
         return F.linear(x, weight, bias)
 
-    @staticmethod
-    def mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def mlp(cls, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)) with gate and up stacked in one [2I, H] weight."""
-        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w_down)
+        gate, up = cls.linear(x, w_gate_up).chunk(2, dim=-1)
+        return cls.linear(F.silu(gate) * up, w_down)
 
     # ---- attention ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -133,25 +134,25 @@ class TorchBackend:
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
     # ---- fused ops: compositions of the ops above here, one kernel each in the Triton backend --------------------
-    @staticmethod
-    def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+    @classmethod
+    def norm_linear(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
         """linear(rms_norm(x)) for x [..., K] -> [..., N]."""
-        return TorchBackend.linear(TorchBackend.rms_norm(x, norm_weight, eps), weight, bias)
+        return cls.linear(TorchBackend.rms_norm(x, norm_weight, eps), weight, bias)
 
-    @staticmethod
-    def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def linear_residual(cls, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x @ weight.T (the attention output projection)."""
-        return residual + TorchBackend.linear(x, weight)
+        return residual + cls.linear(x, weight)
 
-    @staticmethod
-    def norm_mlp_residual(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
+    @classmethod
+    def norm_mlp_residual(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
                           w_down: torch.Tensor) -> torch.Tensor:
         """x + mlp(rms_norm(x)): the second half of a decoder layer."""
-        return x + TorchBackend.mlp(TorchBackend.rms_norm(x, norm_weight, eps), w_gate_up, w_down)
+        return x + cls.mlp(TorchBackend.rms_norm(x, norm_weight, eps), w_gate_up, w_down)
 
-    @staticmethod
-    def qkv_rope_cache_write(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+    @classmethod
+    def qkv_rope_cache_write(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                              b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                              v_cache: torch.Tensor, start: int | torch.Tensor, num_heads: int,
                              num_kv_heads: int) -> torch.Tensor:
@@ -159,7 +160,7 @@ class TorchBackend:
         tensor ``start``); ``cos``/``sin`` are the whole [S, D] tables in the activation dtype. Returns q as
         [B, Hq, T, D]."""
         t = x.shape[1]
-        qkv = TorchBackend.norm_linear(x, norm_weight, eps, w_qkv, b_qkv)
+        qkv = cls.norm_linear(x, norm_weight, eps, w_qkv, b_qkv)
         if isinstance(start, int):
             rows = slice(start, start + t)
         else:  # positions past the table (a short sequence's padding) read its last row; their writes are dropped
@@ -167,41 +168,41 @@ class TorchBackend:
         return TorchBackend.rope_cache_write(qkv, cos[rows], sin[rows], k_cache, v_cache, start, num_heads,
                                              num_kv_heads)
 
-    @staticmethod
-    def draft_propose(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
+    @classmethod
+    def draft_propose(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
                       draft_vocab: torch.Tensor | None = None,
                       threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adapter output [B, H] -> (draft token id [B] (through the draft vocabulary, if any), its probability [B],
         keep drafting [B] = probability >= threshold)."""
-        index, prob = TorchBackend.draft_head(x, norm_weight, eps, head_weight)
+        index, prob = cls.draft_head(x, norm_weight, eps, head_weight)
         token = index if draft_vocab is None else draft_vocab[index]
         return token, prob, prob >= threshold
 
-    @staticmethod
-    def verify_accept(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
+    @classmethod
+    def verify_accept(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,
                       drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deep states [B, k+1, H] and drafts [B, k] -> (targets [B, k+1], accepted length [B], bonus token [B])."""
-        targets = TorchBackend.verify_head(x, norm_weight, eps, head_weight)
+        targets = cls.verify_head(x, norm_weight, eps, head_weight)
         accepted = TorchBackend.accept(drafts, targets)
         return targets, accepted, targets.gather(1, accepted[:, None])[:, 0]
 
     # ---- heads -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def draft_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    @classmethod
+    def draft_head(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                    head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter output [B, H] -> (row index of the best draft-vocabulary entry [B], its probability [B]).
 
         ``head_weight`` is [V_draft, H]: the LM head's rows of the draft vocabulary (or all of it).
         """
-        logits = F.linear(TorchBackend.rms_norm(x, norm_weight, eps), head_weight).float()
+        logits = cls.linear(cls.rms_norm(x, norm_weight, eps), head_weight).float()
         prob, index = logits.softmax(-1).max(-1)
         return index, prob
 
-    @staticmethod
-    def verify_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    @classmethod
+    def verify_head(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     head_weight: torch.Tensor) -> torch.Tensor:
         """Deep hidden states [B, T, H] -> the full model's greedy tokens [B, T] (final norm, LM head, argmax)."""
-        return F.linear(TorchBackend.rms_norm(x, norm_weight, eps), head_weight).argmax(-1)
+        return cls.linear(cls.rms_norm(x, norm_weight, eps), head_weight).argmax(-1)
 
     @staticmethod
     def accept(drafts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

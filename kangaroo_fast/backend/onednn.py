@@ -1,0 +1,73 @@
+"""The CPU fast path: the reference ops with their bf16 products on oneDNN weights packed once.
+
+``torch.nn.functional.linear`` in bfloat16 on CPU hands a plain [N, K] weight to oneDNN, which re-lays it out on
+every call. Packing each weight once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
+the op Inductor's CPU freezing pass uses) and running ``torch.ops.mkldnn._linear_pointwise`` on it cut a
+SmolLM2-135M decode step's products 2-3x on this project's 2-core CPU (``bench/results/micro-cpu.md``).
+
+Everything else is the reference: float32 (and float16, and anything not on CPU) goes to ``F.linear`` unchanged,
+so float32 decoding keeps its token-for-token equality with HF. In bfloat16 the products round in a different
+order than ``F.linear``'s, so outputs may part from HF's at near-ties, as any other kernel would.
+
+Memory: the packed copies are held beside the model's own weights (HF's modules keep using those), so the linear
+weights take twice their size while an engine lives; ``backend="torch"`` avoids that.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .torch_ref import TorchBackend
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """oneDNN's packed bf16 linear exists in this torch build (and runs here)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ones(8, 16, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), packed, None, "none",
+                                                 [None], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.allclose(out.float(), torch.full((1, 8), 16.0)))
+
+
+class OneDNNBackend(TorchBackend):
+    name = "onednn"
+
+    # id(weight) -> (weak reference to it, its version counter when packed, packed weight); shared by every
+    # instance (the reference's ops are classmethods): a weight is packed once however many engines use it, and its
+    # packed copy goes when the weight does
+    _packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def __init__(self):
+        if not onednn_available():
+            raise RuntimeError("the onednn backend needs a torch build with oneDNN's packed linear "
+                               "(torch.ops.mkldnn._linear_pointwise); use backend='torch'")
+
+    @classmethod
+    def _pack(cls, weight: torch.Tensor) -> torch.Tensor:
+        """The packed copy of ``weight``, made on first use and again if the weight changed in place."""
+        key = id(weight)
+        entry = cls._packed.get(key)
+        if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+            return entry[2]
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        cls._packed[key] = (weakref.ref(weight, lambda _ref, key=key: cls._packed.pop(key, None)), weight._version,
+                            packed)
+        return packed
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or \
+                x.numel() == 0:
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(rows, cls._pack(weight), bias, "none", [None], "")
+        return out.view(*x.shape[:-1], weight.shape[0])

@@ -68,10 +68,14 @@ def bench_device() -> torch.device:
 
 
 def providers() -> list[str]:
-    """``torch`` always; every other registered backend where CUDA is present (they are GPU kernels)."""
+    """``torch`` always; with CUDA every GPU backend (triton), on CPU the oneDNN one (the CPU default) if present."""
+    from kangaroo_fast.backend.onednn import onednn_available
+
     names = ["torch"]
     if torch.cuda.is_available():
-        names += sorted(name for name in BACKENDS if name != "torch")
+        names += sorted(name for name in BACKENDS if name not in ("torch", "onednn"))
+    elif onednn_available():
+        names.append("onednn")
     return names
 
 

@@ -4,7 +4,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from kangaroo_fast.train.instructions import bench_prompts, local_documentation_texts, training_instructions
+import pytest
+
+from kangaroo_fast.train.instructions import (bench_prompts, bootstrap_instructions, local_documentation_texts,
+                                             training_instructions)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "prompts.jsonl"
 CATEGORIES = {"conversation", "translation", "summarization", "qa", "math", "rag"}
@@ -52,3 +55,43 @@ def test_local_documentation_texts():
     assert 10000 < total <= 50000
     assert local_documentation_texts(50000) == texts
     assert local_documentation_texts(50000, seed=1) != texts
+
+
+ANSWER = ("Composting turns kitchen scraps into rich soil for the garden.\n\n"
+          "1. **Choose a bin**: Pick a container with a lid and holes for air, and place it in a shady spot.\n"
+          "2. **Balance greens and browns**: Mix fresh scraps with dry leaves or paper so the pile does not smell.\n\n"
+          "Turn the pile every week or two, and keep it about as damp as a wrung-out sponge. After a few months "
+          "the material becomes dark and crumbly, and it is ready to spread on your beds.")
+
+
+def _stage_one(n: int) -> tuple[list[str], list[str]]:
+    instructions = [f"How do I start a compost pile in place number {i}?" for i in range(n)]
+    answers = [ANSWER.replace("garden", f"garden {i}") for i in range(n)]
+    return instructions, answers
+
+
+def test_bootstrap_instructions_quote_the_answers_deterministically_and_avoid_bench():
+    instructions, answers = _stage_one(40)
+    second = bootstrap_instructions(instructions, answers, 200, seed=0)
+    assert len(second) == 200 and len(set(second)) == 200
+    assert bootstrap_instructions(instructions, answers, 200, seed=0) == second
+    assert bootstrap_instructions(instructions, answers, 200, seed=1) != second
+    # every item carries text of an answer: a passage, or one of its sentences (list markers and ** removed)
+    plain = re.sub(r"\*\*|\n\d\. ", " ", ANSWER)
+    openings = {part.strip()[:30] for part in re.split(r"[.:]\s", plain) if len(part.strip()) >= 30}
+    assert all(any(opening in t.replace("**", " ") for opening in openings) for t in second)
+    assert all("**" not in t for t in second if "Translate" in t or "translate" in t)
+    assert any("Question: How do I start a compost pile" in t for t in second)  # context questions
+    turns = [turn for item in bench_prompts() for turn in item["turns"]]
+    bench_windows = set().union(*(_windows(t) for t in turns))
+    assert not any(_windows(t) & bench_windows for t in second)
+
+
+def test_bootstrap_instructions_bad_input_is_named():
+    instructions, answers = _stage_one(3)
+    with pytest.raises(ValueError, match="3 instructions but 2 answers"):
+        bootstrap_instructions(instructions, answers[:2], 5)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        bootstrap_instructions(instructions, answers, -1)
+    with pytest.raises(ValueError, match=r"only \d+ distinct second-stage instructions from 1 answers, asked for 5000"):
+        bootstrap_instructions(["Hi?"], ["Too short to quote."], 5000)

@@ -93,3 +93,24 @@ def test_ddp_two_cpu_processes_train_identical_replicas(tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert not torch.equal(rank0["layers.0.self_attn.o_proj.weight"], initial["layers.0.self_attn.o_proj.weight"])
+
+
+def test_corpus_second_stage_answers_prompts_built_on_the_first(default_model, tmp_path):
+    """build_corpus: stage 1 answers written instructions, stage 2 answers instructions quoting those answers;
+    each stage is cached, and the finished corpus is read back as it was."""
+    from kangaroo_fast.train.recipe import build_corpus
+
+    km = default_model.model
+    recipe = Recipe(n_instructions=4, n_bootstrap=3, max_new_tokens=64, doc_chars=0, gen_batch_size=4)
+    corpus = build_corpus(km.packed, km.tokenizer, recipe, set(km.eos_ids()), tmp_path, progress=False)
+    assert len(corpus["sequences"]) == len(corpus["starts"]) == 7
+    assert all(0 < start < len(seq) for seq, start in zip(corpus["sequences"], corpus["starts"]))
+    first = [km.tokenizer.decode(seq[start:], skip_special_tokens=True)
+             for seq, start in zip(corpus["sequences"][:4], corpus["starts"][:4])]
+    second_prompts = [km.tokenizer.decode(seq[:start]) for seq, start in zip(corpus["sequences"][4:],
+                                                                             corpus["starts"][4:])]
+    # every second-stage prompt quotes a first-stage answer (a passage or one of its sentences)
+    assert all(any(answer.strip()[:30] in prompt or any(s in prompt for s in answer.split(". ")[1:] if len(s) > 40)
+                   for answer in first) for prompt in second_prompts)
+    assert {p.name for p in tmp_path.iterdir()} == {"corpus.json", "corpus-stage1.json", "corpus-stage2.json"}
+    assert build_corpus(None, None, recipe, set(), tmp_path, progress=False) == corpus  # from the cache

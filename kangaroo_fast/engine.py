@@ -150,14 +150,14 @@ class Engine:
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
         """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
         c, dtype, device = self.cfg, self.w.dtype, self.w.device
-        self._graph_sets: dict = {}  # graphs hold pointers into the buffers made here: new buffers, new graphs
         self.cache = StaticKVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         if self.adapter is not None:
             self.adapter_cache = StaticKVCache(1, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         self._grow_draft_buffer(max_draft_steps)
 
     def _grow_draft_buffer(self, steps: int) -> None:
-        self._graph_sets = {}
+        # graphs hold pointers into the caches and this buffer (``_allocate`` comes here too): new buffers, new graphs
+        self._graph_sets: dict = {}
         self.shallow_states = torch.empty(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
                                           device=self.w.device)
 
@@ -274,10 +274,7 @@ class Engine:
                 token, confidence, q = self._propose_sampled(out, settings, generator)
                 dists.append(q)
             i += 1
-            for b, (t, conf) in enumerate(zip(token.tolist(), confidence.tolist())):
-                if drafting[b]:
-                    drafts[b].append(t)
-                    drafting[b] = i < budget[b] and conf >= settings.threshold and t not in eos
+            self._extend_drafts(drafts, drafting, token.tolist(), confidence.tolist(), i, budget, settings, eos)
         return drafts, torch.stack(dists, dim=1) if dists else None
 
     def verify(self, pos: list[int], num_drafts: int, exit_layer: int) -> torch.Tensor:
@@ -304,17 +301,29 @@ class Engine:
                 break
             i += 1
             graphs.syncs += 1
-            for b, (t, conf) in enumerate(zip(draft.tolist(), prob.tolist())):
-                if drafting[b]:
-                    drafts[b].append(t)
-                    drafting[b] = i < budget[b] and conf >= settings.threshold and t not in eos
+            self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), i, budget, settings, eos)
             token = draft[:, None]  # stays on the device; copied into the step's static input before the replay
         k = max(len(d) for d in drafts)
-        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=device)
-        targets, _accepted, _bonus = graphs.verify_step(self.shallow_states[:n, :k + 1], padded.view(n, k),
-                                                        position)
+        targets, _accepted, _bonus = graphs.verify_step(self.shallow_states[:n, :k + 1],
+                                                        self._padded(drafts, k, device), position)
         graphs.syncs += 1
         return drafts, targets.tolist()
+
+    @staticmethod
+    def _extend_drafts(drafts: list[list[int]], drafting: list[bool], tokens: list[int], confidences: list[float],
+                       steps: int, budget: list[int], settings: DecodeSettings, eos: set[int]) -> None:
+        """Append draft step ``steps``'s proposals of the sequences still drafting, and decide which draft on:
+        not past their budget, not after a proposal below the threshold, not after EOS."""
+        for b, (t, conf) in enumerate(zip(tokens, confidences)):
+            if drafting[b]:
+                drafts[b].append(t)
+                drafting[b] = steps < budget[b] and conf >= settings.threshold and t not in eos
+
+    @staticmethod
+    def _padded(drafts: list[list[int]], k: int, device) -> torch.Tensor:
+        """Drafts as a [B, k] int64 tensor, zero-padded after each sequence's own drafts."""
+        return torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64,
+                            device=device).view(len(drafts), k)
 
     @staticmethod
     def accept(drafts: list[int], targets: list[int]) -> int:
@@ -409,6 +418,7 @@ class Engine:
         tokens = [[t] for t in last]
         rows = list(range(batch))  # rows[r]: the prompt index decoded in cache row r
         pos = list(lengths)
+        graphed = self.graph_mode != "off" and settings.greedy
         start = time.perf_counter()
         while True:
             reasons = [self._stop_reason(tokens[i], p, settings, eos) for i, p in zip(rows, pos)]
@@ -425,7 +435,6 @@ class Engine:
             # room for k drafts: k + 1 new tokens within max_new_tokens and within the cache
             budget = [min(settings.max_draft_steps, settings.max_new_tokens - len(tokens[i]) - 1,
                           self.max_len - p - 2) for i, p in zip(rows, pos)]
-            graphed = self.graph_mode != "off" and settings.greedy
             if speculate and max(budget) > 0 and graphed:
                 drafts, targets = self._graph_round(last, pos, settings, budget, eos)
                 emitted = [self._emitted(d, t) for d, t in zip(drafts, targets)]
@@ -466,10 +475,10 @@ class Engine:
             return [self._emitted(d, t) for d, t in zip(drafts, self._targets(x).tolist())]
         p = self._target_probs(x, settings)
         k = p.shape[1] - 1
-        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64, device=p.device)
+        padded = self._padded(drafts, k, p.device)
         counts = torch.tensor([len(d) for d in drafts], dtype=torch.int64, device=p.device)
         q = p.new_zeros(len(drafts), 0, p.shape[-1]) if q is None else q[:, :k]
-        accepted, token = speculative_accept(padded.view(len(drafts), k), counts, q, p, generator)
+        accepted, token = speculative_accept(padded, counts, q, p, generator)
         return [d[:a] + [t] for d, a, t in zip(drafts, accepted.tolist(), token.tolist())]
 
     @staticmethod

@@ -138,7 +138,7 @@ class TorchBackend:
     def norm_linear(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
         """linear(rms_norm(x)) for x [..., K] -> [..., N]."""
-        return cls.linear(TorchBackend.rms_norm(x, norm_weight, eps), weight, bias)
+        return cls.linear(cls.rms_norm(x, norm_weight, eps), weight, bias)
 
     @classmethod
     def linear_residual(cls, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class TorchBackend:
     def norm_mlp_residual(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
                           w_down: torch.Tensor) -> torch.Tensor:
         """x + mlp(rms_norm(x)): the second half of a decoder layer."""
-        return x + cls.mlp(TorchBackend.rms_norm(x, norm_weight, eps), w_gate_up, w_down)
+        return x + cls.mlp(cls.rms_norm(x, norm_weight, eps), w_gate_up, w_down)
 
     @classmethod
     def qkv_rope_cache_write(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
@@ -165,7 +165,7 @@ class TorchBackend:
             rows = slice(start, start + t)
         else:  # positions past the table (a short sequence's padding) read its last row; their writes are dropped
             rows = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=cos.shape[0] - 1)
-        return TorchBackend.rope_cache_write(qkv, cos[rows], sin[rows], k_cache, v_cache, start, num_heads,
+        return cls.rope_cache_write(qkv, cos[rows], sin[rows], k_cache, v_cache, start, num_heads,
                                              num_kv_heads)
 
     @classmethod
@@ -183,7 +183,7 @@ class TorchBackend:
                       drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deep states [B, k+1, H] and drafts [B, k] -> (targets [B, k+1], accepted length [B], bonus token [B])."""
         targets = cls.verify_head(x, norm_weight, eps, head_weight)
-        accepted = TorchBackend.accept(drafts, targets)
+        accepted = cls.accept(drafts, targets)
         return targets, accepted, targets.gather(1, accepted[:, None])[:, 0]
 
     # ---- heads -------------------------------------------------------------------------------------------------

@@ -1056,7 +1056,7 @@ def _sentences(text: str) -> list[str]:
     return out
 
 
-def _passage(text: str, rng: random.Random, max_chars: int = 1200) -> str | None:
+def _passage(text: str, max_chars: int = 1200) -> str | None:
     """The answer's leading paragraphs up to ``max_chars`` (cut at a paragraph or sentence end); None if short."""
     text = text.strip()
     if len(text) < 200:
@@ -1096,7 +1096,7 @@ def bootstrap_instructions(instructions: list[str], answers: list[str], n: int, 
         kind = rng.choices(kinds, weights=weights)[0]
         text = None
         if kind in ("summarize", "rewrite", "context_qa"):
-            p = _passage(answers[i], rng)
+            p = _passage(answers[i])
             if p is not None and kind == "summarize":
                 text = rng.choice(BOOTSTRAP_SUMMARIZE).format(p=p)
             elif p is not None and kind == "rewrite":

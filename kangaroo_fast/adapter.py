@@ -39,6 +39,7 @@ class AdapterConfig:
     exit_layer: int = 2
     threshold: float = 0.6
     max_draft_steps: int = 6
+    lookup: int = 0  # context lookup's longest n-gram (0: off, as the official checkpoints have none)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -54,14 +55,15 @@ class AdapterConfig:
                 "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
                 "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_norm_eps,
                 "kangaroo": {"exit_layer": self.exit_layer, "threshold": self.threshold,
-                             "max_draft_steps": self.max_draft_steps, **self.extra}}
+                             "max_draft_steps": self.max_draft_steps, "lookup": self.lookup, **self.extra}}
 
     @classmethod
     def from_json(cls, data: dict) -> "AdapterConfig":
         try:
             heads = data["num_attention_heads"]
             settings = dict(data.get("kangaroo", {}))
-            known = {k: settings.pop(k) for k in ("exit_layer", "threshold", "max_draft_steps") if k in settings}
+            known = {k: settings.pop(k) for k in ("exit_layer", "threshold", "max_draft_steps", "lookup")
+                     if k in settings}
             return cls(hidden_size=data["hidden_size"], num_attention_heads=heads,
                        num_key_value_heads=data.get("num_key_value_heads") or heads,
                        head_dim=data.get("head_dim") or data["hidden_size"] // heads,

@@ -55,9 +55,11 @@ class KangarooModel:
 
     def default_settings(self) -> dict:
         if self.adapter is None:
-            return {"exit_layer": max(1, min(2, self.config.num_layers - 1)), "threshold": 0.6, "max_draft_steps": 6}
+            return {"exit_layer": max(1, min(2, self.config.num_layers - 1)), "threshold": 0.6, "max_draft_steps": 6,
+                    "lookup": 0}
         c = self.adapter.config
-        return {"exit_layer": c.exit_layer, "threshold": c.threshold, "max_draft_steps": c.max_draft_steps}
+        return {"exit_layer": c.exit_layer, "threshold": c.threshold, "max_draft_steps": c.max_draft_steps,
+                "lookup": c.lookup}
 
     def eos_ids(self, eos_token_id=None) -> set[int]:
         if eos_token_id is None:
@@ -103,11 +105,15 @@ class KangarooModel:
         return ids.to(self.device)
 
     def generate(self, prompt, max_new_tokens: int = 256, exit_layer: int | None = None,
-                 threshold: float | None = None, max_draft_steps: int | None = None, eos_token_id=None,
-                 speculate: bool = True, callback: Callable | None = None, streamer=None, chat: bool = True,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 generator: torch.Generator | None = None) -> GenerateOutput | list[GenerateOutput]:
+                 threshold: float | None = None, max_draft_steps: int | None = None, lookup: int | None = None,
+                 eos_token_id=None, speculate: bool = True, callback: Callable | None = None, streamer=None,
+                 chat: bool = True, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, generator: torch.Generator | None = None) -> GenerateOutput | list[GenerateOutput]:
         """Decode one prompt, or a list of prompts as one batch (then a list of outputs, in order).
+
+        ``exit_layer``, ``threshold``, ``max_draft_steps`` and ``lookup`` default to the adapter's settings.
+        ``lookup=n`` (n >= 1) also drafts tokens copied from the context (``lookup.py``): where the last n (down to
+        2) tokens occurred before, the token that followed them replaces the adapter's proposal; 0 turns it off.
 
         ``temperature == 0`` (the default) is greedy; above 0 the output is sampled with HF's ``temperature``,
         ``top_k`` (0: off) and ``top_p`` (1: off), losslessly: exactly the base model's sampling distribution.
@@ -119,7 +125,7 @@ class KangarooModel:
             exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,
             threshold=defaults["threshold"] if threshold is None else threshold,
             max_draft_steps=defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            lookup=defaults["lookup"] if lookup is None else lookup, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p).validate(self.config.num_layers)
         if seed is not None and generator is not None:
             raise ValueError("pass seed= or generator=, not both")
@@ -198,7 +204,7 @@ def generate(prompt, model: KangarooModel | None = None, adapter=None,
     Kangaroo self-speculative decoding: greedy by default, sampled with ``temperature > 0``; lossless either way.
 
     ``model=None`` uses the embedded default model (loaded once). Keyword arguments are those of
-    ``KangarooModel.generate``: max_new_tokens, exit_layer, threshold, max_draft_steps, eos_token_id, speculate,
+    ``KangarooModel.generate``: max_new_tokens, exit_layer, threshold, max_draft_steps, lookup, eos_token_id, speculate,
     callback, streamer, chat, temperature, top_k, top_p, seed, generator.
     """
     if model is None:

@@ -483,7 +483,7 @@ def markdown_table(result: dict) -> str:
     if {"kangaroo", "hf_early_exit"} & set(methods):
         notes[0] += f", exit layer {s['exit_layer']}"
     if "kangaroo" in methods:
-        notes[0] += f", η={s['threshold']}, γ={s['max_draft_steps']}"
+        notes[0] += f", η={s['threshold']}, γ={s['max_draft_steps']}, context lookup {s.get('lookup', 0)}"
     if "hf_prompt_lookup" in methods:
         notes[0] += f", prompt lookup {s['prompt_lookup_num_tokens']} tokens"
     notes[0] += (". tokens/s: all new tokens over all seconds of the generate calls (prefill included); "
@@ -613,25 +613,27 @@ def batch_markdown(batch: dict) -> str:
 
 # ---- tune ---------------------------------------------------------------------------------------------------------
 def run_tune(models: dict[str, object], samples: list[Sample], thresholds: Iterable[float], steps: Iterable[int],
-             max_new_tokens: int, encode: Callable[[list[dict]], torch.Tensor], progress: bool = False) -> dict:
-    """Kangaroo against the same engine's vanilla mode over the grid adapters x thresholds x max_draft_steps.
+             max_new_tokens: int, encode: Callable[[list[dict]], torch.Tensor], progress: bool = False,
+             lookups: Iterable[int] = (0,)) -> dict:
+    """Kangaroo against the same engine's vanilla mode over the grid adapters x thresholds x max_draft_steps x
+    context lookups (``lookup.py``; 0: off).
 
     ``models`` maps an adapter name to a KangarooModel (all on the same base model). For every prompt (first turn)
     vanilla runs once, then every setting; speedup = vanilla seconds / Kangaroo seconds summed over the
     prompts of a category. Returns the rows and the best setting per category and overall.
     """
-    thresholds, steps = list(thresholds), list(steps)
-    if not models or not thresholds or not steps:
-        raise ValueError("tune needs at least one adapter, one threshold and one max_draft_steps value")
-    grid = list(itertools.product(models, thresholds, steps))
+    thresholds, steps, lookups = list(thresholds), list(steps), list(lookups)
+    if not models or not thresholds or not steps or not lookups:
+        raise ValueError("tune needs at least one adapter, one threshold, one max_draft_steps and one lookup value")
+    grid = list(itertools.product(models, thresholds, steps, lookups))
     from .config import DecodeSettings
 
-    for name, threshold, max_steps in grid:  # a bad value fails here, not half-way through the sweep
+    for name, threshold, max_steps, lookup in grid:  # a bad value fails here, not half-way through the sweep
         model = models[name]
         if model.adapter is None:
             raise ValueError(f"tune: the model for {name!r} has no adapter")
-        DecodeSettings(model.adapter.config.exit_layer, threshold, max_steps,
-                       max_new_tokens).validate(model.config.num_layers)
+        DecodeSettings(model.adapter.config.exit_layer, threshold, max_steps, max_new_tokens,
+                       lookup).validate(model.config.num_layers)
     first = next(iter(models.values()))
     from tqdm.auto import tqdm
 
@@ -646,20 +648,20 @@ def run_tune(models: dict[str, object], samples: list[Sample], thresholds: Itera
         vanilla = first.generate(ids, max_new_tokens=max_new_tokens, speculate=False)
         for category in (sample.category, "overall"):
             vanilla_s[category] += vanilla.stats.time_s
-        for name, threshold, max_steps in grid:
+        for name, threshold, max_steps, lookup in grid:
             out = models[name].generate(ids, max_new_tokens=max_new_tokens, threshold=threshold,
-                                        max_draft_steps=max_steps)
+                                        max_draft_steps=max_steps, lookup=lookup)
             for category in (sample.category, "overall"):
-                row = totals[(name, threshold, max_steps, category)]
+                row = totals[(name, threshold, max_steps, lookup, category)]
                 row["seconds"] += out.stats.time_s
                 row["tokens"] += out.stats.new_tokens_after_prefill
                 row["rounds"] += out.stats.rounds
                 row["drafts"] += out.stats.draft_steps
                 row["mismatches"] += int(out.tokens != vanilla.tokens)
     rows = []
-    for (name, threshold, max_steps, category), t in totals.items():
+    for (name, threshold, max_steps, lookup, category), t in totals.items():
         rows.append({"adapter": name, "exit_layer": models[name].adapter.config.exit_layer, "threshold": threshold,
-                     "max_draft_steps": max_steps, "category": category,
+                     "max_draft_steps": max_steps, "lookup": lookup, "category": category,
                      "speedup_vs_vanilla": vanilla_s[category] / t["seconds"] if t["seconds"] > 0 else 0.0,
                      "mean_accepted": t["tokens"] / t["rounds"] if t["rounds"] else 0.0,
                      "drafts_per_round": t["drafts"] / t["rounds"] if t["rounds"] else 0.0,
@@ -673,21 +675,21 @@ def run_tune(models: dict[str, object], samples: list[Sample], thresholds: Itera
 
 
 def tune_markdown(result: dict) -> str:
-    lines = ["| category | adapter | exit layer | η | γ | × vanilla | #MAT | drafts/round | ≠ vanilla |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| category | adapter | exit layer | η | γ | lookup | × vanilla | #MAT | drafts/round | ≠ vanilla |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = [c for c in result["best"] if c != "overall"] + ["overall"]
     for category in order:
         b = result["best"][category]
         lines.append(f"| {category} | {b['adapter']} | {b['exit_layer']} | {b['threshold']} | {b['max_draft_steps']} "
-                     f"| {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} | {b['drafts_per_round']:.2f} "
+                     f"| {b.get('lookup', 0)} | {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} | {b['drafts_per_round']:.2f} "
                      f"| {b['mismatches_vs_vanilla']} |")
     lines += ["", "Every setting, overall (fastest first):", "",
-              "| adapter | exit layer | η | γ | × vanilla | #MAT | drafts/round | ≠ vanilla |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| adapter | exit layer | η | γ | lookup | × vanilla | #MAT | drafts/round | ≠ vanilla |",
+              "|---|---|---|---|---|---|---|---|---|"]
     overall = sorted((r for r in result["rows"] if r["category"] == "overall"), key=lambda r: -r["speedup_vs_vanilla"])
     for r in overall:
         lines.append(f"| {r['adapter']} | {r['exit_layer']} | {r['threshold']} | {r['max_draft_steps']} "
-                     f"| {r['speedup_vs_vanilla']:.2f} | {r['mean_accepted']:.2f} | {r['drafts_per_round']:.2f} "
+                     f"| {r.get('lookup', 0)} | {r['speedup_vs_vanilla']:.2f} | {r['mean_accepted']:.2f} | {r['drafts_per_round']:.2f} "
                      f"| {r['mismatches_vs_vanilla']} |")
     return "\n".join(lines) + "\n"
 

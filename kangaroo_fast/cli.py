@@ -9,7 +9,8 @@ from pathlib import Path
 
 def _settings(args) -> dict:
     return {k: v for k, v in {"exit_layer": args.exit_layer, "threshold": args.threshold,
-                              "max_draft_steps": args.max_draft_steps}.items() if v is not None}
+                              "max_draft_steps": args.max_draft_steps,
+                              "lookup": getattr(args, "lookup", None)}.items() if v is not None}
 
 
 def cmd_generate(args) -> int:
@@ -127,7 +128,12 @@ def cmd_tune(args) -> int:
     if args.held_out:
         from .train.instructions import training_instructions
 
-        texts = training_instructions(args.skip + args.held_out)[args.skip:]
+        skip = args.skip
+        if skip is None:  # what the shipped adapter's recipe trained on
+            from .train.distill import Recipe
+
+            skip = Recipe.load(Path(__file__).parent / "train" / "default_recipe.json").n_instructions
+        texts = training_instructions(skip + args.held_out)[skip:]
         samples = [benchmark.Sample(f"held-out-{i}", "held-out", [t]) for i, t in enumerate(texts)]
     else:
         samples = _bench_samples(args, all_turns=False)
@@ -139,7 +145,7 @@ def cmd_tune(args) -> int:
     for path in adapters[1:]:
         models[str(path)] = kf.KangarooModel(base.hf_model, base.tokenizer, kf.Adapter.load(path, base.config))
     result = benchmark.run_tune(models, samples, args.thresholds, args.steps, args.max_new_tokens,
-                                benchmark.chat_encoder(base), progress=True)
+                                benchmark.chat_encoder(base), progress=True, lookups=args.lookups)
     result = {"command": "kangaroo-fast " + " ".join(args.argv), "model": _model_name(args),
               "prompts": "held-out training instructions" if args.held_out else str(args.questions or args.prompts),
               "machine": benchmark.machine_info(), **result}
@@ -182,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--exit-layer", type=int, default=None)
     gen.add_argument("--threshold", type=float, default=None)
     gen.add_argument("--max-draft-steps", type=int, default=None)
+    gen.add_argument("--lookup", type=int, default=None,
+                     help="context lookup: longest n-gram copied from the context as a draft (0: off; "
+                          "default: the adapter's setting)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample (lossless)")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
@@ -218,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--exit-layer", type=int, default=None)
     bench.add_argument("--threshold", type=float, default=None)
     bench.add_argument("--max-draft-steps", type=int, default=None)
+    bench.add_argument("--lookup", type=int, default=None,
+                       help="Kangaroo's context lookup n-gram (0: off; default: the adapter's setting)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10)
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                        help="also decode the first turns in batches of these sizes (vanilla and Kangaroo)")
@@ -231,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_args(tune, "tune-DEVICE")
     tune.add_argument("--held-out", type=int, default=None,
                       help="tune on this many held-out training instructions instead of a prompt set")
-    tune.add_argument("--skip", type=int, default=1000, help="training instructions the adapter saw (seed 0)")
+    tune.add_argument("--skip", type=int, default=None,
+                      help="training instructions the adapter saw (seed 0; default: the default recipe's count)")
     tune.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.45, 0.6, 0.75])
     tune.add_argument("--steps", nargs="+", type=int, default=[4, 6])
+    tune.add_argument("--lookups", nargs="+", type=int, default=[0],
+                      help="context lookup n-gram sizes to try (0: off)")
     tune.add_argument("--max-new-tokens", type=int, default=96)
     tune.set_defaults(func=cmd_tune)
     return parser

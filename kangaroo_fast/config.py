@@ -80,6 +80,7 @@ class DecodeSettings:
     threshold: float = 0.6
     max_draft_steps: int = 6
     max_new_tokens: int = 256
+    lookup: int = 0           # context lookup: the longest n-gram matched (down to 2), 0 off (``lookup.py``)
     temperature: float = 0.0  # HF's meaning; 0 is greedy (do_sample=False)
     top_k: int = 0            # 0 disables top-k
     top_p: float = 1.0        # 1 disables top-p
@@ -98,6 +99,8 @@ class DecodeSettings:
             raise ValueError(f"max_draft_steps={self.max_draft_steps!r} must be an integer >= 1")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if isinstance(self.lookup, bool) or not isinstance(self.lookup, int) or self.lookup < 0:
+            raise ValueError(f"lookup={self.lookup!r} must be an integer >= 0 (0 turns the context lookup off)")
         t, k, p = self.temperature, self.top_k, self.top_p
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < float("inf"):
             raise ValueError(f"temperature={t!r} must be a finite number >= 0 (0 means greedy)")

@@ -34,6 +34,7 @@ from .adapter import Adapter
 from .backend import resolve_backend
 from .cache import StaticKVCache
 from .config import DecodeSettings
+from .lookup import NgramLookup
 from .models import PackedModel
 from .sampling import sample, speculative_accept, target_probs
 
@@ -50,6 +51,7 @@ class GenerationStats:
     device: str = ""
     mode: str = "kangaroo"
     stop_reason: str = ""  # eos | max_new_tokens | cache_full
+    lookup_drafts: int = 0  # drafts taken from the context lookup instead of the adapter
     drafted_at: list[int] = field(default_factory=list)   # drafted_at[j]: rounds that proposed a (j+1)-th token
     accepted_at: list[int] = field(default_factory=list)  # accepted_at[j]: rounds that accepted it
 
@@ -77,7 +79,7 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "rounds": self.rounds, "mean_accepted": self.mean_accepted,
-                "draft_steps": self.draft_steps, "acceptance_rate": self.acceptance_rate,
+                "draft_steps": self.draft_steps, "lookup_drafts": self.lookup_drafts, "acceptance_rate": self.acceptance_rate,
                 "prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                 "tokens_per_s": self.tokens_per_s, "dtype": self.dtype, "device": self.device, "mode": self.mode,
                 "stop_reason": self.stop_reason}
@@ -251,10 +253,14 @@ class Engine:
         return x[torch.arange(len(lengths), device=x.device), last][:, None]
 
     def draft(self, last: list[int], pos: list[int], settings: DecodeSettings, budget: list[int], eos: set[int],
-              generator: torch.Generator | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
+              generator: torch.Generator | None = None, lookups: list[NgramLookup] | None = None,
+              from_context: list[int] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
         """Propose up to ``budget[b]`` tokens after ``last[b]`` (at ``pos[b]``) for every sequence b, keeping each
         input's layer-l state. Returns the drafts per sequence and, when sampling, the processed draft
-        distributions q [B, K, V] (K = the longest draft). One host sync per step."""
+        distributions q [B, K, V] (K = the longest draft). One host sync per step.
+
+        ``lookups[b]``: sequence b's context lookup (``lookup.py``); a token it finds replaces the adapter's proposal
+        (q becomes that token's point mass when sampling) and ``from_context[b]`` counts it."""
         l, n = settings.exit_layer, len(pos)
         token = torch.tensor(last, device=self.w.device)
         drafting = [k > 0 for k in budget]
@@ -274,7 +280,15 @@ class Engine:
                 token, confidence, q = self._propose_sampled(out, settings, generator)
                 dists.append(q)
             i += 1
-            self._extend_drafts(drafts, drafting, token.tolist(), confidence.tolist(), i, budget, settings, eos)
+            found = self._extend_drafts(drafts, drafting, token.tolist(), confidence.tolist(), i, budget, settings,
+                                        eos, lookups, from_context)
+            if found:
+                token = self._newest(drafts, last, token.device)
+                if dists:
+                    q = dists[-1]
+                    for b in found:
+                        q[b] = 0.0
+                        q[b, drafts[b][-1]] = 1.0
         return drafts, torch.stack(dists, dim=1) if dists else None
 
     def verify(self, pos: list[int], num_drafts: int, exit_layer: int) -> torch.Tensor:
@@ -284,7 +298,8 @@ class Engine:
                             self.cfg.num_layers)
 
     def _graph_round(self, last: list[int], pos: list[int], settings: DecodeSettings, budget: list[int],
-                     eos: set[int]) -> tuple[list[list[int]], list[list[int]]]:
+                     eos: set[int], lookups: list[NgramLookup] | None = None,
+                     from_context: list[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
         """``draft`` then ``verify`` (greedy) as replays of the draft and verify steps' graphs: the drafts per
         sequence and the targets [B][k + 1]. Host syncs: one per draft step, one for the targets."""
         graphs = self.decode_graphs(settings.exit_layer, settings.threshold)
@@ -301,8 +316,10 @@ class Engine:
                 break
             i += 1
             graphs.syncs += 1
-            self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), i, budget, settings, eos)
-            token = draft[:, None]  # stays on the device; copied into the step's static input before the replay
+            found = self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), i, budget, settings, eos,
+                                        lookups, from_context)
+            # stays on the device (copied into the step's static input before the replay) unless the lookup changed it
+            token = (self._newest(drafts, last, device) if found else draft)[:, None]
         k = max(len(d) for d in drafts)
         targets, _accepted, _bonus = graphs.verify_step(self.shallow_states[:n, :k + 1],
                                                         self._padded(drafts, k, device), position)
@@ -311,13 +328,29 @@ class Engine:
 
     @staticmethod
     def _extend_drafts(drafts: list[list[int]], drafting: list[bool], tokens: list[int], confidences: list[float],
-                       steps: int, budget: list[int], settings: DecodeSettings, eos: set[int]) -> None:
+                       steps: int, budget: list[int], settings: DecodeSettings, eos: set[int],
+                       lookups: list[NgramLookup] | None = None, from_context: list[int] | None = None) -> list[int]:
         """Append draft step ``steps``'s proposals of the sequences still drafting, and decide which draft on:
-        not past their budget, not after a proposal below the threshold, not after EOS."""
+        not past their budget, not after a proposal below the threshold, not after EOS. With ``lookups``, a token
+        found in a sequence's context takes the adapter's place and counts as confident. Returns the sequences
+        whose proposal came from the lookup."""
+        found = []
         for b, (t, conf) in enumerate(zip(tokens, confidences)):
             if drafting[b]:
+                hit = lookups[b].propose(drafts[b]) if lookups else None
+                if hit is not None:
+                    t, conf = hit, 1.0
+                    found.append(b)
+                    if from_context is not None:
+                        from_context[b] += 1
                 drafts[b].append(t)
                 drafting[b] = steps < budget[b] and conf >= settings.threshold and t not in eos
+        return found
+
+    @staticmethod
+    def _newest(drafts: list[list[int]], last: list[int], device) -> torch.Tensor:
+        """Every sequence's newest token: its last draft, or ``last`` before its first: the next step's input."""
+        return torch.tensor([d[-1] if d else t for d, t in zip(drafts, last)], dtype=torch.int64, device=device)
 
     @staticmethod
     def _padded(drafts: list[list[int]], k: int, device) -> torch.Tensor:
@@ -417,6 +450,8 @@ class Engine:
                 callback(b, [last[b]])
         tokens = [[t] for t in last]
         rows = list(range(batch))  # rows[r]: the prompt index decoded in cache row r
+        contexts = [NgramLookup(p.tolist() + [t], settings.lookup) for p, t in zip(prompts, last)] \
+            if speculate and settings.lookup else None
         pos = list(lengths)
         graphed = self.graph_mode != "off" and settings.greedy
         start = time.perf_counter()
@@ -435,8 +470,10 @@ class Engine:
             # room for k drafts: k + 1 new tokens within max_new_tokens and within the cache
             budget = [min(settings.max_draft_steps, settings.max_new_tokens - len(tokens[i]) - 1,
                           self.max_len - p - 2) for i, p in zip(rows, pos)]
+            lookups = None if contexts is None else [contexts[i] for i in rows]
+            from_context = [0] * len(rows)
             if speculate and max(budget) > 0 and graphed:
-                drafts, targets = self._graph_round(last, pos, settings, budget, eos)
+                drafts, targets = self._graph_round(last, pos, settings, budget, eos, lookups, from_context)
                 emitted = [self._emitted(d, t) for d, t in zip(drafts, targets)]
             elif graphed:
                 drafts = [[] for _ in rows]
@@ -446,7 +483,7 @@ class Engine:
                 graphs.syncs += 1
             else:
                 if speculate and max(budget) > 0:
-                    drafts, q = self.draft(last, pos, settings, budget, eos, generator)
+                    drafts, q = self.draft(last, pos, settings, budget, eos, generator, lookups, from_context)
                     x = self.verify(pos, max(len(d) for d in drafts), settings.exit_layer)
                 else:
                     drafts, q = [[] for _ in rows], None
@@ -455,11 +492,14 @@ class Engine:
                 emitted = self._accept_round(x, drafts, q, settings, generator)
             for r, (i, new) in enumerate(zip(rows, emitted)):
                 self._record(all_stats[i], len(drafts[r]), len(new) - 1)
+                all_stats[i].lookup_drafts += from_context[r]
                 for j, token in enumerate(new):
                     if token in eos:
                         new = new[:j + 1]
                         break
                 tokens[i].extend(new)
+                if contexts is not None:
+                    contexts[i].extend(new)
                 last[r] = new[-1]
                 if callback:
                     callback(i, new)

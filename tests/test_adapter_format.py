@@ -42,7 +42,7 @@ def _assert_same_adapter(a: Adapter, b: Adapter) -> None:
 def test_save_load_round_trip(tmp_path, model, model_config, with_vocab):
     gen = torch.Generator().manual_seed(3)
     vocab = torch.randperm(model_config.vocab_size, generator=gen)[:41] if with_vocab else None
-    adapter = random_adapter(model, 3, seed=4, draft_vocab=vocab, threshold=0.35, max_draft_steps=5)
+    adapter = random_adapter(model, 3, seed=4, draft_vocab=vocab, threshold=0.35, max_draft_steps=5, lookup=2)
     path = adapter.save(tmp_path / "nested" / "adapter")
     assert path == tmp_path / "nested" / "adapter"
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
@@ -50,7 +50,7 @@ def test_save_load_round_trip(tmp_path, model, model_config, with_vocab):
     for loaded in (Adapter.load(path), Adapter.load(path, model_config), Adapter.load(str(path))):
         _assert_same_adapter(adapter, loaded)
     data = json.loads((path / "config.json").read_text())
-    assert data["kangaroo"] == {"exit_layer": 3, "threshold": 0.35, "max_draft_steps": 5}
+    assert data["kangaroo"] == {"exit_layer": 3, "threshold": 0.35, "max_draft_steps": 5, "lookup": 2}
     assert data["hidden_size"] == model_config.hidden_size
 
 

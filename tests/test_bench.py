@@ -314,8 +314,9 @@ def test_cli_bench_batch_sizes_in_results(tiny, tmp_path, monkeypatch):
 def test_tune_grid(tiny):
     other = kf.KangarooModel(tiny.hf_model, None, random_adapter(tiny.hf_model, 1, 9, threshold=0.0))
     result = benchmark.run_tune({"l2": tiny, "l1": other}, SAMPLES, [0.0, 0.9], [2], max_new_tokens=6,
-                                encode=byte_encoder)
-    assert len(result["rows"]) == 2 * 2 * 3  # adapters x thresholds x (2 categories + overall)
+                                encode=byte_encoder, lookups=[0, 2])
+    assert len(result["rows"]) == 2 * 2 * 2 * 3  # adapters x thresholds x lookups x (2 categories + overall)
+    assert {r["lookup"] for r in result["rows"]} == {0, 2}
     assert set(result["best"]) == {"conversation", "math", "overall"}
     assert {r["exit_layer"] for r in result["rows"]} == {1, 2}
     assert all(r["mismatches_vs_vanilla"] == 0 for r in result["rows"])
@@ -325,8 +326,8 @@ def test_tune_grid(tiny):
     table = benchmark.tune_markdown(result).splitlines()
     assert table[2 + len(result["best"]) - 1].startswith("| overall |")
     grid = table[table.index("Every setting, overall (fastest first):") + 4:]
-    assert len(grid) == 4
-    speedups = [float(line.split("|")[5]) for line in grid]
+    assert len(grid) == 8
+    speedups = [float(line.split("|")[6]) for line in grid]
     assert speedups == sorted(speedups, reverse=True)
     with pytest.raises(ValueError, match="threshold=2.0"):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5, 2.0], [2], max_new_tokens=6, encode=byte_encoder)
@@ -334,6 +335,8 @@ def test_tune_grid(tiny):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5], [0], max_new_tokens=6, encode=byte_encoder)
     with pytest.raises(ValueError, match="at least one"):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [], [2], max_new_tokens=6, encode=byte_encoder)
+    with pytest.raises(ValueError, match="lookup=-1"):
+        benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5], [2], max_new_tokens=6, encode=byte_encoder, lookups=[-1])
 
 
 def test_readme_block_is_rewritten(tiny_result, tmp_path):

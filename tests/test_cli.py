@@ -18,12 +18,19 @@ def test_generate_json_matches_hf(default_model, capsys):
     assert result["tokens"] == want[0, ids.shape[1]:].tolist()
     assert result["stats"]["new_tokens"] == len(result["tokens"])
     assert result["stats"]["dtype"] == "float32"
+    for lookup in ("0", "3"):  # the lookup changes the drafts, never the output
+        assert cli.main(["generate", "Name three primary colours.", "--json", "--max-new-tokens", "12",
+                         "--dtype", "float32", "--lookup", lookup]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["tokens"] == result["tokens"]
+        assert (again["stats"]["lookup_drafts"] == 0) == (lookup == "0")
 
 
 @pytest.mark.parametrize("args, message", [
     (["--exit-layer", "0"], "exit_layer=0"),
     (["--threshold", "1.5"], "threshold=1.5"),
     (["--max-draft-steps", "0"], "max_draft_steps=0"),
+    (["--lookup", "-2"], "lookup=-2"),
 ])
 def test_generate_rejects_bad_settings(args, message, capsys):
     code = cli.main(["generate", "Hello", "--dtype", "float32", *args])

@@ -201,22 +201,24 @@ def sampling_case():
     return model, prompt
 
 
-# (temperature, top_k, top_p, threshold, max_draft_steps, draft vocabulary)
+# (temperature, top_k, top_p, threshold, max_draft_steps, draft vocabulary, context lookup)
 SAMPLING_SETTINGS = [
-    (1.0, 0, 1.0, 0.0, 2, None),
-    (0.7, 5, 1.0, 0.0, 3, None),
-    (1.3, 0, 0.85, 0.3, 2, None),
-    (1.0, 4, 0.9, 0.0, 2, [8, 0, 3, 5, 6]),
+    (1.0, 0, 1.0, 0.0, 2, None, 0),
+    (0.7, 5, 1.0, 0.0, 3, None, 0),
+    (1.3, 0, 0.85, 0.3, 2, None, 0),
+    (1.0, 4, 0.9, 0.0, 2, [8, 0, 3, 5, 6], 0),
+    (1.0, 0, 1.0, 0.0, 3, None, 1),  # lookup drafts are point masses: q one-hot where the context supplied them
+    (0.8, 0, 0.9, 0.5, 2, [8, 0, 3, 5, 6], 2),
 ]
 
 
 def _sampled_counts(km, prompt, settings, runs: int, batch: int, generator) -> Counter:
-    temperature, top_k, top_p, threshold, steps, _ = settings
+    temperature, top_k, top_p, threshold, steps, _, lookup = settings
     counts = Counter()
     for _ in range(runs // batch):
         prompts = [prompt[0]] * batch if batch > 1 else prompt
         outs = km.generate(prompts, max_new_tokens=FIRST + 1, threshold=threshold, max_draft_steps=steps,
-                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos_token_id=[])
+                           lookup=lookup, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos_token_id=[])
         for out in outs if batch > 1 else [outs]:
             assert len(out.tokens) == FIRST + 1
             counts[tuple(out.tokens[:FIRST])] += 1
@@ -226,7 +228,7 @@ def _sampled_counts(km, prompt, settings, runs: int, batch: int, generator) -> C
 @pytest.mark.parametrize("settings", SAMPLING_SETTINGS)
 def test_batched_sampling_matches_target_distribution(sampling_case, settings):
     model, prompt = sampling_case
-    temperature, top_k, top_p, threshold, steps, vocab = settings
+    temperature, top_k, top_p, threshold, steps, vocab, _ = settings
     adapter = random_adapter(model, 2, seed=17, draft_vocab=vocab)
     km = kangaroo_fast.load(model, adapter=adapter, max_cache_len=PROMPT_LEN + 2 * FIRST)
     runs = 6000

@@ -44,6 +44,7 @@ class Recipe:
     seed: int = 0
     threshold: float = 0.6
     max_draft_steps: int = 6
+    lookup: int = 0  # the context lookup setting stored with the adapter (chosen by `kangaroo-fast tune --lookups`)
     gen_batch_size: int = 32
     teacher_batch_size: int = 8
     dtype: str = "bfloat16"

@@ -115,7 +115,7 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
             chosen = adapter
     if output is not None and _is_main():
         cfg = chosen.config
-        cfg.threshold, cfg.max_draft_steps = recipe.threshold, recipe.max_draft_steps
+        cfg.threshold, cfg.max_draft_steps, cfg.lookup = recipe.threshold, recipe.max_draft_steps, recipe.lookup
         output = Path(output)
         chosen.save(output)
         recipe.save(output / "recipe.json")

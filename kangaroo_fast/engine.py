@@ -260,7 +260,8 @@ class Engine:
         distributions q [B, K, V] (K = the longest draft). One host sync per step.
 
         ``lookups[b]``: sequence b's context lookup (``lookup.py``); a token it finds replaces the adapter's proposal
-        (q becomes that token's point mass when sampling) and ``from_context[b]`` counts it."""
+        (q becomes that token's point mass when sampling) and ``from_context[b]`` counts it. A step where every
+        drafting sequence copies from its context skips the draft head."""
         l, n = settings.exit_layer, len(pos)
         token = torch.tensor(last, device=self.w.device)
         drafting = [k > 0 for k in budget]
@@ -274,21 +275,26 @@ class Engine:
             out = self._adapter(h, start)
             if not any(drafting):
                 break
-            if settings.greedy:
-                token, confidence = self._propose(out)
+            hits = self._lookup_hits(lookups, drafts, drafting)
+            if hits is not None and all(hit is not None for hit, d in zip(hits, drafting) if d):
+                proposed, confidence = [0 if hit is None else hit for hit in hits], [1.0] * n
+                if not settings.greedy:
+                    dists.append(out.new_zeros(n, self.cfg.vocab_size, dtype=torch.float32))
+            elif settings.greedy:
+                token, prob = self._propose(out)
+                proposed, confidence = token.tolist(), prob.tolist()
             else:
-                token, confidence, q = self._propose_sampled(out, settings, generator)
+                token, prob, q = self._propose_sampled(out, settings, generator)
+                proposed, confidence = token.tolist(), prob.tolist()
                 dists.append(q)
             i += 1
-            found = self._extend_drafts(drafts, drafting, token.tolist(), confidence.tolist(), i, budget, settings,
-                                        eos, lookups, from_context)
-            if found:
-                token = self._newest(drafts, last, token.device)
-                if dists:
-                    q = dists[-1]
-                    for b in found:
-                        q[b] = 0.0
-                        q[b, drafts[b][-1]] = 1.0
+            self._extend_drafts(drafts, drafting, proposed, confidence, i, budget, settings, eos, hits, from_context)
+            token = self._newest(drafts, last, self.w.device)
+            if dists and hits is not None:  # a looked-up draft is a point mass
+                for b, hit in enumerate(hits):
+                    if hit is not None:
+                        dists[-1][b] = 0.0
+                        dists[-1][b, hit] = 1.0
         return drafts, torch.stack(dists, dim=1) if dists else None
 
     def verify(self, pos: list[int], num_drafts: int, exit_layer: int) -> torch.Tensor:
@@ -316,10 +322,11 @@ class Engine:
                 break
             i += 1
             graphs.syncs += 1
-            found = self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), i, budget, settings, eos,
-                                        lookups, from_context)
-            # stays on the device (copied into the step's static input before the replay) unless the lookup changed it
-            token = (self._newest(drafts, last, device) if found else draft)[:, None]
+            hits = self._lookup_hits(lookups, drafts, drafting)
+            self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), i, budget, settings, eos, hits,
+                                from_context)
+            # stays on the device (copied into the step's static input before the replay) unless the lookup proposed
+            token = (draft if hits is None else self._newest(drafts, last, device))[:, None]
         k = max(len(d) for d in drafts)
         targets, _accepted, _bonus = graphs.verify_step(self.shallow_states[:n, :k + 1],
                                                         self._padded(drafts, k, device), position)
@@ -327,25 +334,29 @@ class Engine:
         return drafts, targets.tolist()
 
     @staticmethod
+    def _lookup_hits(lookups: list[NgramLookup] | None, drafts: list[list[int]],
+                     drafting: list[bool]) -> list[int | None] | None:
+        """Per sequence still drafting, the token its context lookup proposes after its drafts (or None); None
+        without lookups."""
+        if lookups is None:
+            return None
+        return [lookup.propose(d) if go else None for lookup, d, go in zip(lookups, drafts, drafting)]
+
+    @staticmethod
     def _extend_drafts(drafts: list[list[int]], drafting: list[bool], tokens: list[int], confidences: list[float],
                        steps: int, budget: list[int], settings: DecodeSettings, eos: set[int],
-                       lookups: list[NgramLookup] | None = None, from_context: list[int] | None = None) -> list[int]:
+                       hits: list[int | None] | None = None, from_context: list[int] | None = None) -> None:
         """Append draft step ``steps``'s proposals of the sequences still drafting, and decide which draft on:
-        not past their budget, not after a proposal below the threshold, not after EOS. With ``lookups``, a token
-        found in a sequence's context takes the adapter's place and counts as confident. Returns the sequences
-        whose proposal came from the lookup."""
-        found = []
+        not past their budget, not after a proposal below the threshold, not after EOS. A lookup hit
+        (``hits[b]`` not None) takes the adapter's place, counts as confident and is counted in ``from_context``."""
         for b, (t, conf) in enumerate(zip(tokens, confidences)):
             if drafting[b]:
-                hit = lookups[b].propose(drafts[b]) if lookups else None
-                if hit is not None:
-                    t, conf = hit, 1.0
-                    found.append(b)
+                if hits is not None and hits[b] is not None:
+                    t, conf = hits[b], 1.0
                     if from_context is not None:
                         from_context[b] += 1
                 drafts[b].append(t)
                 drafting[b] = steps < budget[b] and conf >= settings.threshold and t not in eos
-        return found
 
     @staticmethod
     def _newest(drafts: list[list[int]], last: list[int], device) -> torch.Tensor:

@@ -136,3 +136,16 @@ def test_lookup_is_an_adapter_setting(tmp_path):
     assert km.generate(ids, max_new_tokens=12).stats.lookup_drafts > 0
     assert km.generate(ids, max_new_tokens=12, lookup=0).stats.lookup_drafts == 0
     assert kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=1)).default_settings()["lookup"] == 0
+
+
+def test_steps_that_copy_skip_the_draft_head(monkeypatch):
+    model = tiny_model("llama", 7, vocab_size=24)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=5))
+    ids = _repeating_prompt(model.config.vocab_size, 4)
+    calls = []
+    propose = km.engine._propose
+    monkeypatch.setattr(km.engine, "_propose", lambda out: calls.append(1) or propose(out))
+    out = km.generate(ids, max_new_tokens=30, threshold=0.0, max_draft_steps=4, lookup=1)
+    assert out.tokens == hf_greedy(model, ids, 30)
+    assert out.stats.lookup_drafts > 0
+    assert len(calls) == out.stats.draft_steps - out.stats.lookup_drafts  # one sequence: a hit skips its step's head

@@ -7,6 +7,11 @@ embedded model's greedy answer is decoded, the adapter is run teacher-forced ove
 draft's top-1 is compared with the full model's at every answer position. Prints the agreement per category and the
 simulated tokens per round (the engine's draft/accept rule replayed, ``train.distill.simulate_rounds``) for a few
 settings. It tells a distribution gap (training instructions vs these prompts) from an engine problem.
+
+It also measures how much of each answer repeats its context: ``copy`` is the share of answer positions where the
+token after the latest earlier occurrence of the current token (prompt and answer so far) is the full model's next
+token, and ``top-1 where copy is right`` the adapter's agreement at those positions (what the context lookup,
+``kangaroo_fast/lookup.py``, is for).
 """
 from __future__ import annotations
 
@@ -44,14 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     predictions = draft_predictions(model.adapter.float(), features, list(range(len(sequences))),
                                     model.packed.lm_head.float(), model.packed.rope_cos, model.packed.rope_sin)
     by_category: dict[str, list[torch.Tensor]] = {}
-    for (correct, _), start, p in zip(predictions, starts, prompts):
+    copies: dict[str, list[torch.Tensor]] = {}
+    for (correct, _), start, p, seq, top in zip(predictions, starts, prompts, sequences, features.top_ids):
         by_category.setdefault(p["category"], []).append(correct[start:-1].float())
+        copies.setdefault(p["category"], []).append(context_copy_right(seq, start, top[:, 0].tolist()))
+    agree = {c: torch.cat(v) for c, v in by_category.items()}
+    copy = {c: torch.cat(v) for c, v in copies.items()}
     result = {"adapter": args.adapter or "shipped", "max_new_tokens": args.max_new_tokens,
-              "top1_by_category": {c: float(torch.cat(v).mean()) for c, v in by_category.items()},
-              "top1": float(torch.cat([t for v in by_category.values() for t in v]).mean()),
+              "top1_by_category": {c: float(v.mean()) for c, v in agree.items()},
+              "top1": float(torch.cat(list(agree.values())).mean()),
+              "copy_by_category": {c: float(v.float().mean()) for c, v in copy.items()},
+              "top1_where_copy_right_by_category": {c: float(agree[c][v].mean()) if bool(v.any()) else None
+                                                    for c, v in copy.items()},
               "simulated": [simulate_rounds(predictions, starts, t, g) for t in (0.0, 0.3, 0.5) for g in (4, 8)]}
     for category, value in result["top1_by_category"].items():
-        print(f"{category:14s} top-1 agreement {value:.3f}")
+        where = result["top1_where_copy_right_by_category"][category]
+        print(f"{category:14s} top-1 agreement {value:.3f}; copy {result['copy_by_category'][category]:.3f}, "
+              f"top-1 where copy is right {'–' if where is None else f'{where:.3f}'}")
     print(f"{'all':14s} top-1 agreement {result['top1']:.3f}")
     for row in result["simulated"]:
         print(f"η={row['threshold']:.1f} γ={row['max_draft_steps']}: {row['mean_accepted']:.2f} tokens per round, "
@@ -60,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def context_copy_right(sequence: list[int], start: int, targets: list[int]) -> torch.Tensor:
+    """Per answer position t (start..len-2): is the token after the latest earlier occurrence of sequence[t] the
+    target (the full model's next token at t)? [len - 1 - start] bool."""
+    from kangaroo_fast.lookup import NgramLookup
+
+    lookup = NgramLookup(sequence[:start + 1], 1)
+    right = []
+    for t in range(start, len(sequence) - 1):
+        right.append(lookup.propose() == targets[t])
+        lookup.extend([sequence[t + 1]])
+    return torch.tensor(right, dtype=torch.bool)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ def machine_info() -> dict:
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT, timeout=10)
         commit = run("rev-parse", "HEAD").stdout.strip() or None
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+        # results files and the README's benchmark block are what runs write, not code: they do not count
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results",
+                         ":(exclude)README.md").stdout.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     info.update(commit=commit, dirty=dirty)

@@ -19,6 +19,11 @@ from kangaroo_fast import Adapter, AdapterConfig, ModelConfig
 
 KINDS = ("llama", "mistral", "qwen2")
 
+#: (atol, rtol) of a kernel's or a fast backend's output against the reference run in the same dtype: the one
+#: tolerance table. Both sides round to the dtype after their own fp32 accumulation, so they may differ by a few
+#: ulps of the dtype.
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+
 # Shapes per kind: odd vocabularies, non-power-of-two intermediate sizes, GQA (2 or 3 KV heads) and one MHA case
 # (mistral: 6 KV heads for 6 query heads). eos/pad/bos are set explicitly.
 TINY_SHAPES = {

@@ -19,11 +19,10 @@ from kangaroo_fast.kernels.qkv_rope_cache import qkv_rope_cache, qkv_rope_cache_
 from kangaroo_fast.kernels.rms_norm_linear import rms_norm_linear, rms_norm_linear_reference  # noqa: E402
 from kangaroo_fast.kernels.verify_head import verify_head, verify_head_reference  # noqa: E402
 
+from conftest import TOLERANCES  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-#: (atol, rtol) of a kernel's output against the reference run in the same dtype: the one tolerance table.
-#: Both sides round to the dtype after their own fp32 accumulation, so they may differ by a few ulps of the dtype.
-TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 DTYPES = list(TOLERANCES)
 
 

@@ -76,28 +76,3 @@ def test_bf16_decode_on_onednn_equals_its_own_vanilla_mode():
     spec, stats = km.engine.generate(prompt, settings, set())
     assert stats.draft_steps > 0 and spec == vanilla
 
-
-@pytest.mark.parametrize("t,start", [(1, 0), (1, 6), (7, 0), (7, 116), (3, 120)])
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (6, 1)])
-@pytest.mark.parametrize("window", [None, 5, 200])
-def test_bf16_attention_matches_the_reference(t, start, heads, kv_heads, window):
-    gen = torch.Generator().manual_seed(t * 100 + start + heads + (window or 0))
-    s_max, d = 123, 16
-    q = torch.randn(2, heads, t, d, generator=gen).bfloat16()
-    k_cache = torch.randn(2, kv_heads, s_max, d, generator=gen).bfloat16()
-    v_cache = torch.randn(2, kv_heads, s_max, d, generator=gen).bfloat16()
-    got = OneDNNBackend.attention(q, k_cache, v_cache, start, window)
-    want = TorchBackend.attention(q.float(), k_cache.float(), v_cache.float(), start, window)
-    assert got.shape == (2, t, heads * d) and got.dtype == torch.bfloat16
-    atol, rtol = TOLERANCES[torch.bfloat16]
-    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
-
-
-def test_attention_outside_bf16_or_per_sequence_is_the_reference_bit_for_bit():
-    gen = torch.Generator().manual_seed(9)
-    q = torch.randn(2, 4, 3, 8, generator=gen)
-    k_cache, v_cache = torch.randn(2, 2, 20, 8, generator=gen), torch.randn(2, 2, 20, 8, generator=gen)
-    assert torch.equal(OneDNNBackend.attention(q, k_cache, v_cache, 5), TorchBackend.attention(q, k_cache, v_cache, 5))
-    starts = torch.tensor([3, 11])
-    qb, kb, vb = q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
-    assert torch.equal(OneDNNBackend.attention(qb, kb, vb, starts), TorchBackend.attention(qb, kb, vb, starts))

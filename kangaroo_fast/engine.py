@@ -160,7 +160,9 @@ class Engine:
     def _grow_draft_buffer(self, steps: int) -> None:
         # graphs hold pointers into the caches and this buffer (``_allocate`` comes here too): new buffers, new graphs
         self._graph_sets: dict = {}
-        self.shallow_states = torch.empty(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
+        # zeros, not empty: a sequence with fewer drafts than the batch's longest leaves stale rows that verification
+        # reads as padding, and they must be finite
+        self.shallow_states = torch.zeros(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
                                           device=self.w.device)
 
     # ---- positions -------------------------------------------------------------------------------------------
@@ -257,45 +259,78 @@ class Engine:
               from_context: list[int] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
         """Propose up to ``budget[b]`` tokens after ``last[b]`` (at ``pos[b]``) for every sequence b, keeping each
         input's layer-l state. Returns the drafts per sequence and, when sampling, the processed draft
-        distributions q [B, K, V] (K = the longest draft). One host sync per step.
+        distributions q [B, K, V] (K = the longest draft). One host sync per adapter proposal.
 
-        ``lookups[b]``: sequence b's context lookup (``lookup.py``); a token it finds replaces the adapter's proposal
-        (q becomes that token's point mass when sampling) and ``from_context[b]`` counts it. A step where every
-        drafting sequence copies from its context skips the draft head."""
-        l, n = settings.exit_layer, len(pos)
-        token = torch.tensor(last, device=self.w.device)
+        ``lookups[b]``: sequence b's context lookup (``lookup.py``). Before each forward, every drafting sequence
+        takes the lookup's continuation of its drafts (point masses when sampling; ``from_context[b]`` counts
+        them), and one forward runs layers 0..l-1 and the adapter over all its inputs not yet run, so a copied span
+        costs one forward, not one per token. The adapter's head proposes only where the lookup found nothing."""
+        l, n, device = settings.exit_layer, len(pos), self.w.device
         drafting = [k > 0 for k in budget]
         drafts: list[list[int]] = [[] for _ in range(n)]
-        dists = []
-        i = 0
+        ran = [0] * n  # inputs [last, d1, d2, ...] of each sequence already through layers 0..l-1 and the adapter
+        dists: list[list[torch.Tensor | None]] = [[] for _ in range(n)]  # per draft: q [V], or None (a copy)
         while True:
-            start = self._starts(pos, i)
-            h = self._layers(self.ops.embed(token[:, None], self.w.embed), start, 0, l)
-            self.shallow_states[:n, i:i + 1] = h
-            out = self._adapter(h, start)
-            if not any(drafting):
+            if lookups is not None:
+                self._copy_spans(lookups, drafts, drafting, budget, eos, from_context, dists)
+            inputs = [([t] + d)[k:] for t, d, k in zip(last, drafts, ran)]
+            width = max(len(x) for x in inputs)
+            if width == 0:
                 break
-            hits = self._lookup_hits(lookups, drafts, drafting)
-            if hits is not None and all(hit is not None for hit, d in zip(hits, drafting) if d):
-                proposed, confidence = [0 if hit is None else hit for hit in hits], [1.0] * n
-                if not settings.greedy:
-                    dists.append(out.new_zeros(n, self.cfg.vocab_size, dtype=torch.float32))
-            elif settings.greedy:
-                token, prob = self._propose(out)
-                proposed, confidence = token.tolist(), prob.tolist()
+            ids = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64, device=device)
+            start = pos[0] + ran[0] if n == 1 else \
+                torch.tensor([p + k for p, k in zip(pos, ran)], dtype=torch.int64, device=device)
+            h = self._layers(self.ops.embed(ids, self.w.embed), start, 0, l)
+            out = self._adapter(h, start)
+            for b, x in enumerate(inputs):  # a sequence's padding (past its own inputs) is never kept
+                self.shallow_states[b, ran[b]:ran[b] + len(x)] = h[b, :len(x)]
+                ran[b] += len(x)
+            if not any(drafting):
+                continue  # the last inputs ran; the next pass finds none
+            newest = out[torch.arange(n, device=device), torch.tensor([max(len(x) - 1, 0) for x in inputs],
+                                                                       device=device)][:, None]
+            if settings.greedy:
+                token, prob = self._propose(newest)
             else:
-                token, prob, q = self._propose_sampled(out, settings, generator)
-                proposed, confidence = token.tolist(), prob.tolist()
-                dists.append(q)
-            i += 1
-            self._extend_drafts(drafts, drafting, proposed, confidence, i, budget, settings, eos, hits, from_context)
-            token = self._newest(drafts, last, self.w.device)
-            if dists and hits is not None:  # a looked-up draft is a point mass
-                for b, hit in enumerate(hits):
-                    if hit is not None:
-                        dists[-1][b] = 0.0
-                        dists[-1][b, hit] = 1.0
-        return drafts, torch.stack(dists, dim=1) if dists else None
+                token, prob, q = self._propose_sampled(newest, settings, generator)
+                for b, go in enumerate(drafting):
+                    if go:
+                        dists[b].append(q[b])
+            self._extend_drafts(drafts, drafting, token.tolist(), prob.tolist(), budget, settings, eos)
+        if settings.greedy:
+            return drafts, None
+        return drafts, self._draft_dists(drafts, dists, device)
+
+    @staticmethod
+    def _copy_spans(lookups: list[NgramLookup], drafts: list[list[int]], drafting: list[bool], budget: list[int],
+                    eos: set[int], from_context: list[int] | None, dists: list[list] | None = None) -> None:
+        """Every drafting sequence extends its drafts by its context lookup's proposals while they come, within its
+        budget and up to an EOS (a copied draft counts as confident)."""
+        for b, lookup in enumerate(lookups):
+            while drafting[b]:
+                hit = lookup.propose(drafts[b])
+                if hit is None:
+                    break
+                drafts[b].append(hit)
+                drafting[b] = len(drafts[b]) < budget[b] and hit not in eos
+                if from_context is not None:
+                    from_context[b] += 1
+                if dists is not None:
+                    dists[b].append(None)
+
+    def _draft_dists(self, drafts: list[list[int]], dists: list[list[torch.Tensor | None]],
+                     device) -> torch.Tensor:
+        """Per sequence and draft, q over the full vocabulary as [B, K, V]: the adapter's processed distribution,
+        or a point mass on a copied draft; zero past a sequence's drafts."""
+        k = max(len(d) for d in drafts)
+        q = torch.zeros(len(drafts), k, self.cfg.vocab_size, dtype=torch.float32, device=device)
+        for b, (tokens, rows) in enumerate(zip(drafts, dists)):
+            for j, (token, row) in enumerate(zip(tokens, rows)):
+                if row is None:
+                    q[b, j, token] = 1.0
+                else:
+                    q[b, j] = row
+        return q
 
     def verify(self, pos: list[int], num_drafts: int, exit_layer: int) -> torch.Tensor:
         """Layers l..L-1 on the kept states of [last, d1..dk] of every sequence -> deep states [B, k + 1, H]."""
@@ -323,7 +358,7 @@ class Engine:
             i += 1
             graphs.syncs += 1
             hits = self._lookup_hits(lookups, drafts, drafting)
-            self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), i, budget, settings, eos, hits,
+            self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), budget, settings, eos, hits,
                                 from_context)
             # stays on the device (copied into the step's static input before the replay) unless the lookup proposed
             token = (draft if hits is None else self._newest(drafts, last, device))[:, None]
@@ -344,9 +379,9 @@ class Engine:
 
     @staticmethod
     def _extend_drafts(drafts: list[list[int]], drafting: list[bool], tokens: list[int], confidences: list[float],
-                       steps: int, budget: list[int], settings: DecodeSettings, eos: set[int],
+                       budget: list[int], settings: DecodeSettings, eos: set[int],
                        hits: list[int | None] | None = None, from_context: list[int] | None = None) -> None:
-        """Append draft step ``steps``'s proposals of the sequences still drafting, and decide which draft on:
+        """Append a draft step's proposals of the sequences still drafting, and decide which draft on:
         not past their budget, not after a proposal below the threshold, not after EOS. A lookup hit
         (``hits[b]`` not None) takes the adapter's place, counts as confident and is counted in ``from_context``."""
         for b, (t, conf) in enumerate(zip(tokens, confidences)):
@@ -356,7 +391,7 @@ class Engine:
                     if from_context is not None:
                         from_context[b] += 1
                 drafts[b].append(t)
-                drafting[b] = steps < budget[b] and conf >= settings.threshold and t not in eos
+                drafting[b] = len(drafts[b]) < budget[b] and conf >= settings.threshold and t not in eos
 
     @staticmethod
     def _newest(drafts: list[list[int]], last: list[int], device) -> torch.Tensor:

@@ -32,6 +32,8 @@ def cmd_generate(args) -> int:
         print(f"\n[{stats['mode']} | {stats['dtype']} on {stats['device']}] {stats['new_tokens']} tokens in "
               f"{stats['prefill_s'] + stats['decode_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s), "
               f"{stats['rounds']} rounds, {stats['mean_accepted']:.2f} tokens/round"
+              + (f", {stats['draft_steps']} drafts ({stats['lookup_drafts']} copied from the context)"
+                 if stats["draft_steps"] else "")
               + (f", acceptance per draft position: {rates}" if rates else ""), file=sys.stderr)
     return 0
 

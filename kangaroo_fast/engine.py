@@ -3,11 +3,14 @@
 Round state, per sequence b of a batch: ``pos[b]`` tokens have keys/values in every layer; ``last[b]`` is the
 newest token, emitted but not yet run through the model; it sits at position ``pos[b]``.
 
-    draft   last, d1, d2 ... run through layers 0..l-1 and the adapter one step at a time for the whole batch
-            (their layer-l states kept); the draft head proposes each sequence's next token. A sequence stops
-            drafting after its first proposal whose top-1 probability is below the threshold (that proposal is
-            still verified), after max_draft_steps proposals, at EOS, or where the cache or max_new_tokens leave
-            no room; drafting goes on while any sequence still drafts (the others' extra steps are padding).
+    draft   last, d1, d2 ... run through layers 0..l-1 and the adapter (their layer-l states kept); the draft
+            head proposes each sequence's next token. A sequence stops drafting after its first proposal whose
+            top-1 probability is below the threshold (that proposal is still verified), after max_draft_steps
+            proposals, at EOS, or where the cache or max_new_tokens leave no room; drafting goes on while any
+            sequence still drafts (the others' extra inputs are padding). With the context lookup (``lookup.py``)
+            a sequence first copies drafts from its context while the lookup finds them (confident by definition),
+            and each forward runs every sequence's inputs not yet run, at its own offset: a copied span costs one
+            forward, and the head runs only for proposals the lookup did not make.
     verify  the kept layer-l states of [last, d1..dk] run through layers l..L-1 in one forward for the whole
             batch, each sequence at its own positions -> targets t0..tk (greedy) or distributions p1..p_{k+1}.
     accept  greedy: a = longest prefix with d_i == t_{i-1}; emit d1..da and the bonus token t_a.
@@ -17,7 +20,7 @@ newest token, emitted but not yet run through the model; it sits at position ``p
 Every draft token also runs through the adapter, so the adapter cache is complete even when all drafts pass.
 Sequences of a batch keep their own positions; a finished sequence's cache rows are dropped (``keep_rows``), so
 it costs nothing afterwards. Batch 1 passes positions as plain ints, as before batching existed.
-Host syncs per round on the reference backend: one per draft step (the confidence test) and one for the accepted
+Host syncs per round on the reference backend: one per adapter proposal (the confidence test) and one for the accepted
 lengths (per-sequence attention adds one per call); on CPU these cost nothing. Greedy decoding on CUDA replays the
 draft, verify and vanilla steps as CUDA graphs (``graphs.py``, ``_graph_round``): one sync per draft step and one
 for the verification's targets, the minimum while the confidence test decides on the host whether to draft on.
@@ -79,7 +82,8 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "rounds": self.rounds, "mean_accepted": self.mean_accepted,
-                "draft_steps": self.draft_steps, "lookup_drafts": self.lookup_drafts, "acceptance_rate": self.acceptance_rate,
+                "draft_steps": self.draft_steps, "lookup_drafts": self.lookup_drafts,
+                "acceptance_rate": self.acceptance_rate,
                 "prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                 "tokens_per_s": self.tokens_per_s, "dtype": self.dtype, "device": self.device, "mode": self.mode,
                 "stop_reason": self.stop_reason}

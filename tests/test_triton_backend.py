@@ -20,7 +20,8 @@ from kangaroo_fast.backend.triton_backend import TritonBackend  # noqa: E402
 from kangaroo_fast.engine import Engine  # noqa: E402
 from kangaroo_fast.models import pack_model  # noqa: E402
 
-from conftest import early_exit_adapter, hf_greedy, random_adapter, random_prompt, tiny_model  # noqa: E402
+from conftest import (TOLERANCES, early_exit_adapter, hf_greedy, random_adapter, random_prompt,  # noqa: E402
+                      tiny_model)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REF = TorchBackend()
@@ -36,7 +37,8 @@ def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 
 def assert_close(actual, expected):
-    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5)
+    atol, rtol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 # ---- each op of the seam -----------------------------------------------------------------------------------------
@@ -149,6 +151,23 @@ def test_triton_sliding_window_decode_matches_hf():
     ref = hf_greedy(model, ids, 12, eos_token_id=-1)
     fused = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 3, seed=1), backend="triton", device=DEVICE)
     assert fused.generate(ids, max_new_tokens=12, threshold=0.3, max_draft_steps=4, eos_token_id=[]).tokens == ref
+
+
+@pytest.mark.parametrize("graphs", [False, "eager"])
+def test_triton_decode_with_context_lookup_matches_hf(graphs):
+    """Copied spans through the fused kernels (several tokens per draft forward in the plain loop, one per step in
+    the graph loop), one sequence and a batch of two."""
+    model = tiny_model("llama", 13, vocab_size=24)
+    part = random_prompt(24, 7, 2)
+    prompts = [torch.cat([part, part, part[:, :3]], dim=1), random_prompt(24, 5, 3)]
+    refs = [hf_greedy(model, ids, 16, eos_token_id=-1) for ids in prompts]  # no EOS: 16 tokens each
+    fused = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=4), backend="triton", device=DEVICE,
+                               graphs=graphs if DEVICE == "cpu" else None)
+    one = fused.generate(prompts[0], max_new_tokens=16, threshold=0.3, max_draft_steps=4, lookup=3, eos_token_id=[])
+    assert one.tokens == refs[0] and one.stats.lookup_drafts > 0
+    both = fused.generate([p[0] for p in prompts], max_new_tokens=16, threshold=0.3, max_draft_steps=4, lookup=3,
+                          eos_token_id=[])
+    assert [out.tokens for out in both] == refs
 
 
 def test_triton_vanilla_decode_matches_hf(decode_cases):

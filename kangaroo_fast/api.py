@@ -108,7 +108,8 @@ class KangarooModel:
                  threshold: float | None = None, max_draft_steps: int | None = None, lookup: int | None = None,
                  eos_token_id=None, speculate: bool = True, callback: Callable | None = None, streamer=None,
                  chat: bool = True, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, generator: torch.Generator | None = None) -> GenerateOutput | list[GenerateOutput]:
+                 seed: int | None = None,
+                 generator: torch.Generator | None = None) -> GenerateOutput | list[GenerateOutput]:
         """Decode one prompt, or a list of prompts as one batch (then a list of outputs, in order).
 
         ``exit_layer``, ``threshold``, ``max_draft_steps`` and ``lookup`` default to the adapter's settings.
@@ -125,8 +126,8 @@ class KangarooModel:
             exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,
             threshold=defaults["threshold"] if threshold is None else threshold,
             max_draft_steps=defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
-            lookup=defaults["lookup"] if lookup is None else lookup, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p).validate(self.config.num_layers)
+            lookup=defaults["lookup"] if lookup is None else lookup, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p).validate(self.config.num_layers)
         if seed is not None and generator is not None:
             raise ValueError("pass seed= or generator=, not both")
         if seed is not None:

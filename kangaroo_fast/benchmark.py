@@ -168,6 +168,7 @@ class MethodResult:
     target_forwards: int | None = None  # including the prefill
     rounds: int | None = None
     draft_steps: int | None = None
+    lookup_drafts: int | None = None  # drafts copied from the context (Kangaroo's context lookup)
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
 
@@ -287,7 +288,8 @@ class Methods:
                                                                speculate=speculate, **settings))
         s = out.stats
         return MethodResult(out.tokens, seconds, target_forwards=s.rounds + 1, rounds=s.rounds,
-                            draft_steps=s.draft_steps, drafted_at=list(s.drafted_at), accepted_at=list(s.accepted_at))
+                            draft_steps=s.draft_steps, lookup_drafts=s.lookup_drafts, drafted_at=list(s.drafted_at),
+                            accepted_at=list(s.accepted_at))
 
     def vanilla(self, ids):
         return self._engine(ids, speculate=False)
@@ -387,7 +389,8 @@ def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS
                 records.append({"id": sample.id, "category": sample.category, "turn": turn_index, "method": name,
                                 "prompt_tokens": ids.shape[1], "new_tokens": len(r.tokens), "seconds": r.seconds,
                                 "target_forwards": r.target_forwards, "rounds": r.rounds,
-                                "draft_steps": r.draft_steps, "drafted_at": r.drafted_at,
+                                "draft_steps": r.draft_steps, "lookup_drafts": r.lookup_drafts,
+                                "drafted_at": r.drafted_at,
                                 "accepted_at": r.accepted_at, "same_as_hf": first_diff is None,
                                 "first_difference": first_diff})
             if turn_index + 1 < len(turns):
@@ -439,6 +442,8 @@ def summarise(records: list[dict], methods: list[str]) -> dict:
                 accepted = [sum(r["accepted_at"][j] for r in mine if j < len(r["accepted_at"])) for j in range(width)]
                 stats["acceptance_rate"] = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
                 stats["drafts_per_round"] = sum(r["draft_steps"] for r in mine) / rounds
+                drafts = sum(r["draft_steps"] for r in mine)
+                stats["copied_share"] = sum(r.get("lookup_drafts") or 0 for r in mine) / drafts if drafts else 0.0
             per_method[method] = stats
         for method, stats in per_method.items():
             for base in ("hf", "vanilla"):
@@ -683,7 +688,8 @@ def tune_markdown(result: dict) -> str:
     for category in order:
         b = result["best"][category]
         lines.append(f"| {category} | {b['adapter']} | {b['exit_layer']} | {b['threshold']} | {b['max_draft_steps']} "
-                     f"| {b.get('lookup', 0)} | {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} | {b['drafts_per_round']:.2f} "
+                     f"| {b.get('lookup', 0)} | {b['speedup_vs_vanilla']:.2f} | {b['mean_accepted']:.2f} "
+                     f"| {b['drafts_per_round']:.2f} "
                      f"| {b['mismatches_vs_vanilla']} |")
     lines += ["", "Every setting, overall (fastest first):", "",
               "| adapter | exit layer | η | γ | lookup | × vanilla | #MAT | drafts/round | ≠ vanilla |",
@@ -691,7 +697,8 @@ def tune_markdown(result: dict) -> str:
     overall = sorted((r for r in result["rows"] if r["category"] == "overall"), key=lambda r: -r["speedup_vs_vanilla"])
     for r in overall:
         lines.append(f"| {r['adapter']} | {r['exit_layer']} | {r['threshold']} | {r['max_draft_steps']} "
-                     f"| {r.get('lookup', 0)} | {r['speedup_vs_vanilla']:.2f} | {r['mean_accepted']:.2f} | {r['drafts_per_round']:.2f} "
+                     f"| {r.get('lookup', 0)} | {r['speedup_vs_vanilla']:.2f} | {r['mean_accepted']:.2f} "
+                     f"| {r['drafts_per_round']:.2f} "
                      f"| {r['mismatches_vs_vanilla']} |")
     return "\n".join(lines) + "\n"
 

@@ -173,6 +173,9 @@ def test_summary_statistics(tiny_result):
             sum(r["new_tokens"] - 1 for r in k_rows) / sum(r["rounds"] for r in k_rows))
         assert kangaroo["drafts_per_round"] == pytest.approx(
             sum(r["draft_steps"] for r in k_rows) / sum(r["rounds"] for r in k_rows))
+        assert all(0 <= r["lookup_drafts"] <= r["draft_steps"] for r in k_rows)
+        assert kangaroo["copied_share"] == pytest.approx(
+            sum(r["lookup_drafts"] for r in k_rows) / sum(r["draft_steps"] for r in k_rows))
         assert len(kangaroo["acceptance_rate"]) == 3 and all(0 <= a <= 1 for a in kangaroo["acceptance_rate"])
     # threshold 0: every round that had room drafted max_draft_steps tokens
     assert summary["overall"]["kangaroo"]["drafts_per_round"] > 1.0
@@ -182,11 +185,12 @@ def test_summarise_counts_by_hand():
     def record(method, tokens, seconds, forwards, **extra):
         return {"id": "a", "category": "qa", "turn": 0, "method": method, "new_tokens": tokens, "seconds": seconds,
                 "target_forwards": forwards, "rounds": extra.get("rounds"), "draft_steps": extra.get("drafts"),
+                "lookup_drafts": extra.get("copied"),
                 "drafted_at": extra.get("drafted_at", []), "accepted_at": extra.get("accepted_at", []),
                 "same_as_hf": extra.get("same", True), "first_difference": extra.get("diff")}
 
     records = [record("hf", 9, 3.0, 9), record("vanilla", 9, 2.0, 9),
-               record("kangaroo", 9, 1.0, 5, rounds=4, drafts=6, drafted_at=[4, 2], accepted_at=[3, 1],
+               record("kangaroo", 9, 1.0, 5, rounds=4, drafts=6, copied=2, drafted_at=[4, 2], accepted_at=[3, 1],
                       same=False, diff=7)]
     s = benchmark.summarise(records, ["hf", "vanilla", "kangaroo"])["qa"]
     assert s["hf"]["tokens_per_s"] == 3.0 and s["vanilla"]["speedup_vs_hf"] == 1.5
@@ -194,6 +198,7 @@ def test_summarise_counts_by_hand():
     assert s["kangaroo"]["mean_accepted"] == 2.0  # (9 - 1) tokens over 4 forwards after the prefill
     assert s["kangaroo"]["acceptance_rate"] == [0.75, 0.5]
     assert s["kangaroo"]["drafts_per_round"] == 1.5
+    assert s["kangaroo"]["copied_share"] == pytest.approx(2 / 6)
     assert s["kangaroo"]["mismatches"] == ["a#0@7"] and s["kangaroo"]["same_as_hf"] == 0
 
 

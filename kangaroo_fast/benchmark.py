@@ -441,8 +441,8 @@ def summarise(records: list[dict], methods: list[str]) -> dict:
                 drafted = [sum(r["drafted_at"][j] for r in mine if j < len(r["drafted_at"])) for j in range(width)]
                 accepted = [sum(r["accepted_at"][j] for r in mine if j < len(r["accepted_at"])) for j in range(width)]
                 stats["acceptance_rate"] = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
-                stats["drafts_per_round"] = sum(r["draft_steps"] for r in mine) / rounds
                 drafts = sum(r["draft_steps"] for r in mine)
+                stats["drafts_per_round"] = drafts / rounds
                 stats["copied_share"] = sum(r.get("lookup_drafts") or 0 for r in mine) / drafts if drafts else 0.0
             per_method[method] = stats
         for method, stats in per_method.items():

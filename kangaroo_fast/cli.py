@@ -10,7 +10,7 @@ from pathlib import Path
 def _settings(args) -> dict:
     return {k: v for k, v in {"exit_layer": args.exit_layer, "threshold": args.threshold,
                               "max_draft_steps": args.max_draft_steps,
-                              "lookup": getattr(args, "lookup", None)}.items() if v is not None}
+                              "lookup": args.lookup}.items() if v is not None}
 
 
 def cmd_generate(args) -> int:

@@ -276,14 +276,14 @@ class Engine:
         dists: list[list[torch.Tensor | None]] = [[] for _ in range(n)]  # per draft: q [V], or None (a copy)
         while True:
             if lookups is not None:
-                self._copy_spans(lookups, drafts, drafting, budget, eos, from_context, dists)
+                self._copy_spans(lookups, drafts, drafting, budget, eos, from_context,
+                                 None if settings.greedy else dists)
             inputs = [([t] + d)[k:] for t, d, k in zip(last, drafts, ran)]
             width = max(len(x) for x in inputs)
             if width == 0:
                 break
             ids = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64, device=device)
-            start = pos[0] + ran[0] if n == 1 else \
-                torch.tensor([p + k for p, k in zip(pos, ran)], dtype=torch.int64, device=device)
+            start = self._starts([p + k for p, k in zip(pos, ran)])
             h = self._layers(self.ops.embed(ids, self.w.embed), start, 0, l)
             out = self._adapter(h, start)
             for b, x in enumerate(inputs):  # a sequence's padding (past its own inputs) is never kept

@@ -165,8 +165,7 @@ class TorchBackend:
             rows = slice(start, start + t)
         else:  # positions past the table (a short sequence's padding) read its last row; their writes are dropped
             rows = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=cos.shape[0] - 1)
-        return cls.rope_cache_write(qkv, cos[rows], sin[rows], k_cache, v_cache, start, num_heads,
-                                             num_kv_heads)
+        return cls.rope_cache_write(qkv, cos[rows], sin[rows], k_cache, v_cache, start, num_heads, num_kv_heads)
 
     @classmethod
     def draft_propose(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, head_weight: torch.Tensor,

@@ -158,21 +158,25 @@ def time_steps(rows: list[dict], dtype: torch.dtype, context: int, peak_gbs: flo
     harness.CONTEXT = context  # the engine's caches hold ``context`` positions before the step
     for model in sorted({r["model"] for r in rows}):
         engine = harness.random_engine(harness.shapes(device)[model], "triton", dtype, device)
-        graphs = engine.decode_graphs(harness.EXIT_LAYER, 0.0)
-        position = torch.full((1,), context, dtype=torch.int64, device=device)
+        steps = engine.steps  # captured on first use: the triton backend on CUDA
+        l = harness.EXIT_LAYER
         token = torch.full((1, 1), 11, dtype=torch.int64, device=device)
         t = harness.VERIFY_TOKENS
         states = torch.randn(1, t, engine.cfg.hidden_size, device=device).to(dtype)
         drafts = torch.full((1, t - 1), 11, dtype=torch.int64, device=device)
-        run = {"draft": lambda: graphs.draft_step(token, position),
-               "verify": lambda: graphs.verify_step(states, drafts, position)}
+
+        def draft():  # one draft step: the shallow layers and the adapter on one token, then the draft head
+            _h, out = steps.shallow(token, [context], l, True)
+            return steps.head(out[:, -1])
+
+        run = {"draft": draft, "verify": lambda: steps.verify(states, drafts, [context], l)}
         for row in rows:
             if row["model"] == model:
                 ms = do_bench(run[row["step"]])
                 floor_ms = row["bytes_floor"] / peak_gbs / 1e6
                 row.update(graph_ms=ms, floor_ms=floor_ms, ratio_to_floor=ms / floor_ms,
                            gbs=row["bytes_floor"] / ms / 1e6)
-        del engine, graphs
+        del engine, steps
         torch.cuda.empty_cache()
 
 

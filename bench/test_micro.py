@@ -12,6 +12,8 @@ import torch
 import harness
 from kangaroo_fast.backend import TorchBackend, get_backend
 from kangaroo_fast.config import DecodeSettings
+from kangaroo_fast.drafting import AdapterDrafter
+from kangaroo_fast.engine import RoundDrafts
 
 SHAPES = list(harness.shapes(harness.bench_device()))
 PROVIDERS = harness.providers()
@@ -126,16 +128,22 @@ def _weight_bytes(engine, first, stop):
 def test_step(benchmark, recorder, device, dtype, shape, step, provider):
     """A draft step: one proposal (the newest token through layers 0..l-1, the adapter and the draft head, and
     the proposal's own shallow pass, as ``Engine.draft`` runs it). A verification step: layers l..L-1 over the
-    kept states of last + 6 drafts and the verify head (``Engine.verify``)."""
+    kept states of last + 6 drafts, the verify head and the acceptance (``Engine.verify``)."""
     l, pos = harness.EXIT_LAYER, harness.CONTEXT
     settings = DecodeSettings(exit_layer=l, threshold=0.0, max_draft_steps=6)
 
     def step_fn(engine):
         if step == "draft_step":
-            return lambda: engine.draft([11], [pos], settings, [1], set())
+            def draft():
+                rnd = RoundDrafts.start([11], [pos], [1])
+                engine.draft(rnd, AdapterDrafter(), [0], settings, set())
+                return rnd.tokens
+            return draft
         states = torch.Generator().manual_seed(3)
         engine.shallow_states.copy_(torch.randn(engine.shallow_states.shape, generator=states))
-        return lambda: engine._targets(engine.verify([pos], T - 1, l))
+        rnd = RoundDrafts.start([11], [pos], [T - 1])
+        rnd.tokens = [[11] * (T - 1)]
+        return lambda: engine.verify(rnd, l, settings)
 
     engine = engine_for(shape, provider, dtype, device)
     kv_read = 2 * pos * engine.cfg.kv_size * engine.w.embed.element_size()

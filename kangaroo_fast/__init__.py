@@ -10,8 +10,10 @@ if _util.find_spec(__name__ + ".kernels") is None and (_checkout / "kernels" / "
 from .adapter import Adapter, AdapterConfig
 from .api import GenerateOutput, KangarooModel, generate, load
 from .config import DecodeSettings, ModelConfig
+from .drafting import AdapterDrafter, ContextLookup, Drafter, FirstOf, HeadProposal, Proposal
 from .engine import GenerationStats
 
 __version__ = "0.1.0"
-__all__ = ["Adapter", "AdapterConfig", "DecodeSettings", "GenerateOutput", "GenerationStats", "KangarooModel",
+__all__ = ["Adapter", "AdapterConfig", "AdapterDrafter", "ContextLookup", "Drafter", "FirstOf", "HeadProposal",
+           "Proposal", "DecodeSettings", "GenerateOutput", "GenerationStats", "KangarooModel",
            "ModelConfig", "generate", "load", "__version__"]

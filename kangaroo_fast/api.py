@@ -10,6 +10,7 @@ import torch
 from .adapter import Adapter
 from .backend import resolve_backend
 from .config import DecodeSettings
+from .drafting import make_drafter
 from .engine import Engine, GenerationStats
 from .models import load_hf, model_eos_ids, pack_model
 
@@ -108,8 +109,8 @@ class KangarooModel:
                  threshold: float | None = None, max_draft_steps: int | None = None, lookup: int | None = None,
                  eos_token_id=None, speculate: bool = True, callback: Callable | None = None, streamer=None,
                  chat: bool = True, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None,
-                 generator: torch.Generator | None = None) -> GenerateOutput | list[GenerateOutput]:
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 drafter="kangaroo") -> GenerateOutput | list[GenerateOutput]:
         """Decode one prompt, or a list of prompts as one batch (then a list of outputs, in order).
 
         ``exit_layer``, ``threshold``, ``max_draft_steps`` and ``lookup`` default to the adapter's settings.
@@ -120,6 +121,9 @@ class KangarooModel:
         ``top_k`` (0: off) and ``top_p`` (1: off), losslessly: exactly the base model's sampling distribution.
         ``seed`` or ``generator`` (a ``torch.Generator`` on the model's device) makes sampling reproducible.
         ``callback(new_tokens)`` follows one prompt; with a list it is called as ``callback(index, new_tokens)``.
+        ``drafter``: what proposes the drafts (``drafting.py``): "kangaroo" (the adapter, after the context lookup
+        when ``lookup`` > 0), "lookup" (the context lookup alone, n = ``lookup`` or 3; needs no adapter), or any
+        object with the ``Drafter`` interface.
         """
         defaults = self.default_settings()
         settings = DecodeSettings(
@@ -135,13 +139,14 @@ class KangarooModel:
                 raise ValueError(f"seed={seed!r} must be an integer")
             generator = torch.Generator(device=self.device).manual_seed(seed)
         eos = self.eos_ids(eos_token_id)
+        drafter = make_drafter(drafter, settings.lookup, self.adapter is not None) if speculate else None
         if _is_batch(prompt):
             if streamer is not None:
                 raise ValueError("streamer= follows one prompt; with a list of prompts pass "
                                  "callback=(index, new_tokens) instead")
             ids = [self.encode(p, chat)[0] for p in prompt]
             results = self.engine.generate_batch(ids, settings, eos, speculate=speculate, callback=callback,
-                                                 generator=generator)
+                                                 generator=generator, drafter=drafter)
             return [self._output(tokens, stats) for tokens, stats in results]
         ids = self.encode(prompt, chat)
 
@@ -154,7 +159,7 @@ class KangarooModel:
         if streamer is not None:
             streamer.put(ids[0].cpu())
         tokens, stats = self.engine.generate(ids, settings, eos, speculate=speculate, callback=on_tokens,
-                                             generator=generator)
+                                             generator=generator, drafter=drafter)
         if streamer is not None:
             streamer.end()
         return self._output(tokens, stats)
@@ -206,7 +211,7 @@ def generate(prompt, model: KangarooModel | None = None, adapter=None,
 
     ``model=None`` uses the embedded default model (loaded once). Keyword arguments are those of
     ``KangarooModel.generate``: max_new_tokens, exit_layer, threshold, max_draft_steps, lookup, eos_token_id, speculate,
-    callback, streamer, chat, temperature, top_k, top_p, seed, generator.
+    callback, streamer, chat, temperature, top_k, top_p, seed, generator, drafter.
     """
     if model is None:
         key = None if adapter is None else (adapter if isinstance(adapter, Adapter) else str(adapter))

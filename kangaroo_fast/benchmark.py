@@ -9,6 +9,7 @@ prompt (the order rotating from prompt to prompt) so that machine drift hits all
     hf_prompt_lookup HF prompt-lookup decoding
     vanilla         this engine without drafting
     kangaroo        this engine with Kangaroo drafting
+    lookup          this engine with the context lookup as its only drafter (prompt-lookup decoding, no adapter)
 
 Definitions (per method, per category and overall):
     tokens/s        new tokens / wall-clock seconds of the generate calls (prefill included)
@@ -40,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = ROOT / "bench" / "prompts.jsonl"
 DEFAULT_OUTPUT_DIR = ROOT / "bench" / "results"
 
-METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo")
+METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo", "lookup")
 METHOD_LABELS = {"hf": "HF greedy", "hf_compile": "HF static+compile", "hf_early_exit": "HF early-exit assisted",
                  "hf_prompt_lookup": "HF prompt lookup", "vanilla": "kangaroo_fast vanilla",
-                 "kangaroo": "kangaroo_fast Kangaroo"}
+                 "kangaroo": "kangaroo_fast Kangaroo", "lookup": "kangaroo_fast lookup only"}
 GREEDY_METHODS = ("hf", "hf_compile", "vanilla")
 
 
@@ -282,10 +283,10 @@ class Methods:
         result.target_forwards = len(result.tokens)  # greedy: one forward per token
         return result
 
-    def _engine(self, ids, speculate: bool) -> MethodResult:
+    def _engine(self, ids, speculate: bool, drafter: str = "kangaroo") -> MethodResult:
         settings = self.settings if speculate else {}
         out, seconds = self._timed(lambda: self.model.generate(ids, max_new_tokens=self.max_new_tokens,
-                                                               speculate=speculate, **settings))
+                                                               speculate=speculate, drafter=drafter, **settings))
         s = out.stats
         return MethodResult(out.tokens, seconds, target_forwards=s.rounds + 1, rounds=s.rounds,
                             draft_steps=s.draft_steps, lookup_drafts=s.lookup_drafts, drafted_at=list(s.drafted_at),
@@ -297,10 +298,13 @@ class Methods:
     def kangaroo(self, ids):
         return self._engine(ids, speculate=True)
 
+    def lookup(self, ids):
+        return self._engine(ids, speculate=True, drafter="lookup")
+
     def run(self, name: str, ids: torch.Tensor) -> MethodResult:
         return {"hf": self.hf_greedy, "hf_compile": self.hf_compile, "hf_early_exit": self.hf_early_exit,
                 "hf_prompt_lookup": self.hf_prompt_lookup, "vanilla": self.vanilla,
-                "kangaroo": self.kangaroo}[name](ids)
+                "kangaroo": self.kangaroo, "lookup": self.lookup}[name](ids)
 
 
 def check_methods(methods: Iterable[str]) -> list[str]:
@@ -436,7 +440,7 @@ def summarise(records: list[dict], methods: list[str]) -> dict:
                      "mismatches": [f"{r['id']}#{r['turn']}@{r['first_difference']}" for r in mine
                                     if not r["same_as_hf"]]}
             rounds = sum(r["rounds"] or 0 for r in mine)
-            if method == "kangaroo" and rounds:
+            if method in ("kangaroo", "lookup") and rounds:
                 width = max((len(r["drafted_at"]) for r in mine), default=0)
                 drafted = [sum(r["drafted_at"][j] for r in mine if j < len(r["drafted_at"])) for j in range(width)]
                 accepted = [sum(r["accepted_at"][j] for r in mine if j < len(r["accepted_at"])) for j in range(width)]

@@ -23,7 +23,7 @@ def cmd_generate(args) -> int:
         if model.tokenizer is not None and not args.json else None
     out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, speculate=not args.no_speculate,
                          streamer=streamer, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=args.seed, **_settings(args))
+                         seed=args.seed, drafter=args.drafter, **_settings(args))
     stats = out.stats.as_dict()
     if args.json:
         print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default=None)
+    gen.add_argument("--drafter", default="kangaroo", choices=["kangaroo", "lookup"],
+                     help="what drafts: the adapter (after the context lookup when --lookup > 0), or the context "
+                          "lookup alone, which needs no adapter (default: kangaroo)")
     gen.add_argument("--no-speculate", action="store_true", help="the same engine without drafting")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)

@@ -1,29 +1,29 @@
-"""The decode loop: prefill, draft, verify, accept, commit, and the same engine without drafting (vanilla).
+"""The decode loop: one round function (draft, verify, accept, commit) for every device and decode mode.
 
 Round state, per sequence b of a batch: ``pos[b]`` tokens have keys/values in every layer; ``last[b]`` is the
 newest token, emitted but not yet run through the model; it sits at position ``pos[b]``.
 
-    draft   last, d1, d2 ... run through layers 0..l-1 and the adapter (their layer-l states kept); the draft
-            head proposes each sequence's next token. A sequence stops drafting after its first proposal whose
-            top-1 probability is below the threshold (that proposal is still verified), after max_draft_steps
-            proposals, at EOS, or where the cache or max_new_tokens leave no room; drafting goes on while any
-            sequence still drafts (the others' extra inputs are padding). With the context lookup (``lookup.py``)
-            a sequence first copies drafts from its context while the lookup finds them (confident by definition),
-            and each forward runs every sequence's inputs not yet run, at its own offset: a copied span costs one
-            forward, and the head runs only for proposals the lookup did not make.
+    draft   the drafter (``drafting.py``) proposes each sequence's drafts d1, d2, ... step by step, within the
+            round's room (max_draft_steps, max_new_tokens, the cache) and up to EOS; a sequence drafts on while
+            its proposals are confident. Every input (last, then the drafts) runs through layers 0..l-1 (and the
+            adapter, where the drafter uses it) once, each sequence at its own offset, its layer-l state kept: the
+            inputs not yet run go in one forward just before a drafter asks for the draft head, and at the end.
     verify  the kept layer-l states of [last, d1..dk] run through layers l..L-1 in one forward for the whole
-            batch, each sequence at its own positions -> targets t0..tk (greedy) or distributions p1..p_{k+1}.
+            batch -> targets t0..tk with the accepted lengths (greedy) or distributions p1..p_{k+1} (sampling).
+            Without a drafter (vanilla) the round verifies [last] from layer 0.
     accept  greedy: a = longest prefix with d_i == t_{i-1}; emit d1..da and the bonus token t_a.
             sampling: the speculative rule of ``sampling.speculative_accept`` (lossless in distribution).
-    commit  pos += a + 1; last = the emitted token. Rejected and padding positions are overwritten later.
+    commit  pos += a + 1; last = the emitted token; the drafter sees the emitted tokens. Rejected and padding
+            positions are overwritten later.
 
-Every draft token also runs through the adapter, so the adapter cache is complete even when all drafts pass.
-Sequences of a batch keep their own positions; a finished sequence's cache rows are dropped (``keep_rows``), so
-it costs nothing afterwards. Batch 1 passes positions as plain ints, as before batching existed.
-Host syncs per round on the reference backend: one per adapter proposal (the confidence test) and one for the accepted
-lengths (per-sequence attention adds one per call); on CPU these cost nothing. Greedy decoding on CUDA replays the
-draft, verify and vanilla steps as CUDA graphs (``graphs.py``, ``_graph_round``): one sync per draft step and one
-for the verification's targets, the minimum while the confidence test decides on the host whether to draft on.
+The steps (``graphs.DecodeSteps``) are the same on every device: plain calls, or static-shape steps replayed as
+CUDA graphs (on CUDA with the triton backend) or eagerly over the same static buffers (``graphs="eager"``, how
+the tests check that path on CPU). Sequences of a batch keep their own positions; a finished sequence's cache
+rows are dropped (``keep_rows``), so it costs nothing afterwards.
+
+Host syncs per round (counted in ``steps.syncs``): one per draft step in which a drafter asked for the draft head
+(its tokens and probabilities decide whether drafting goes on) and one for the verification's result; the
+reference backend's per-sequence attention adds one per call, which costs nothing on CPU.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from .adapter import Adapter
 from .backend import resolve_backend
 from .cache import StaticKVCache
 from .config import DecodeSettings
-from .lookup import NgramLookup
+from .drafting import Drafter, HeadProposal, Proposal
+from .graphs import DecodeSteps
 from .models import PackedModel
 from .sampling import sample, speculative_accept, target_probs
 
@@ -144,15 +145,6 @@ class Engine:
             return "eager"
         raise ValueError(f"graphs={graphs!r} must be None, True, False or 'eager'")
 
-    def decode_graphs(self, exit_layer: int | None, threshold: float = 0.0):
-        """The replayable steps for one exit layer (None: the vanilla step), made on first use."""
-        from .graphs import DecodeGraphs
-
-        key = (exit_layer, threshold)
-        if key not in self._graph_sets:
-            self._graph_sets[key] = DecodeGraphs(self, exit_layer, threshold, capture=self.graph_mode == "cuda")
-        return self._graph_sets[key]
-
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
         """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
         c, dtype, device = self.cfg, self.w.dtype, self.w.device
@@ -163,11 +155,13 @@ class Engine:
 
     def _grow_draft_buffer(self, steps: int) -> None:
         # graphs hold pointers into the caches and this buffer (``_allocate`` comes here too): new buffers, new graphs
-        self._graph_sets: dict = {}
+        self.steps = DecodeSteps(self, {"off": "plain"}.get(self.graph_mode, self.graph_mode))
         # zeros, not empty: a sequence with fewer drafts than the batch's longest leaves stale rows that verification
         # reads as padding, and they must be finite
         self.shallow_states = torch.zeros(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
                                           device=self.w.device)
+        # each sequence's adapter output at its newest input run so far: the draft head's input
+        self.newest = torch.zeros(self.cache.batch, self.cfg.hidden_size, dtype=self.w.dtype, device=self.w.device)
 
     # ---- positions -------------------------------------------------------------------------------------------
     def _starts(self, pos: list[int], offset: int = 0) -> int | torch.Tensor:
@@ -200,22 +194,16 @@ class Engine:
                                      k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
         return ops.linear_residual(ops.attention(q, k_cache, v_cache, start), self.a_o, h)
 
-    def _propose(self, adapter_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft head on the adapter's newest outputs: (token ids [B], top-1 probabilities [B]), on the device."""
-        token, prob, _ = self.ops.draft_propose(adapter_out[:, -1], self.a_norm, self.cfg.rms_norm_eps,
-                                                self.draft_head, self.draft_vocab)
-        return token, prob
-
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.verify_head(x, self.w.final_norm, self.cfg.rms_norm_eps, self.w.lm_head)
 
     # ---- sampling pieces (temperature > 0) -------------------------------------------------------------------
     def _propose_sampled(self, adapter_out: torch.Tensor, settings: DecodeSettings,
                          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw draft tokens from the processed draft distributions q: (token ids [B], the raw distribution's
+        """From adapter outputs [B, H], draw draft tokens from the processed draft distributions q: (token ids [B], the raw distribution's
         top-1 probability [B] for the confidence stop, q over the full vocabulary [B, V])."""
         c = self.cfg
-        logits = self.ops.linear(self.ops.rms_norm(adapter_out[:, -1], self.a_norm, c.rms_norm_eps),
+        logits = self.ops.linear(self.ops.rms_norm(adapter_out, self.a_norm, c.rms_norm_eps),
                                  self.draft_head).float()
         confidence = logits.softmax(-1).amax(-1)
         q = target_probs(logits, settings)
@@ -246,7 +234,7 @@ class Engine:
         Causal attention keeps every real position blind to the padding after it; the padding's keys/values sit
         past the sequence's length and are overwritten before they could be read."""
         x = self.ops.embed(prompts, self.w.embed)
-        if exit_layer is None:
+        if exit_layer is None or self.adapter is None:
             x = self._layers(x, 0, 0, self.cfg.num_layers)
         else:
             h = self._layers(x, 0, 0, exit_layer)
@@ -258,77 +246,85 @@ class Engine:
         last = torch.tensor(lengths, device=x.device) - 1
         return x[torch.arange(len(lengths), device=x.device), last][:, None]
 
-    def draft(self, last: list[int], pos: list[int], settings: DecodeSettings, budget: list[int], eos: set[int],
-              generator: torch.Generator | None = None, lookups: list[NgramLookup] | None = None,
-              from_context: list[int] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Propose up to ``budget[b]`` tokens after ``last[b]`` (at ``pos[b]``) for every sequence b, keeping each
-        input's layer-l state. Returns the drafts per sequence and, when sampling, the processed draft
-        distributions q [B, K, V] (K = the longest draft). One host sync per adapter proposal.
+    def _budgets(self, seqs: "_Sequences", settings: DecodeSettings) -> list[int]:
+        """Per row, the drafts a round has room for: k + 1 new tokens within max_new_tokens and the cache."""
+        return [min(settings.max_draft_steps, settings.max_new_tokens - len(seqs.tokens[i]) - 1,
+                    self.max_len - p - 2) for i, p in zip(seqs.rows, seqs.pos)]
 
-        ``lookups[b]``: sequence b's context lookup (``lookup.py``). Before each forward, every drafting sequence
-        takes the lookup's continuation of its drafts (point masses when sampling; ``from_context[b]`` counts
-        them), and one forward runs layers 0..l-1 and the adapter over all its inputs not yet run, so a copied span
-        costs one forward, not one per token. The adapter's head proposes only where the lookup found nothing."""
-        l, n, device = settings.exit_layer, len(pos), self.w.device
-        drafting = [k > 0 for k in budget]
-        drafts: list[list[int]] = [[] for _ in range(n)]
-        ran = [0] * n  # inputs [last, d1, d2, ...] of each sequence already through layers 0..l-1 and the adapter
-        dists: list[list[torch.Tensor | None]] = [[] for _ in range(n)]  # per draft: q [V], or None (a copy)
-        while True:
-            if lookups is not None:
-                self._copy_spans(lookups, drafts, drafting, budget, eos, from_context,
-                                 None if settings.greedy else dists)
-            inputs = [([t] + d)[k:] for t, d, k in zip(last, drafts, ran)]
-            width = max(len(x) for x in inputs)
-            if width == 0:
-                break
-            ids = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64, device=device)
-            start = self._starts([p + k for p, k in zip(pos, ran)])
-            h = self._layers(self.ops.embed(ids, self.w.embed), start, 0, l)
-            out = self._adapter(h, start)
-            for b, x in enumerate(inputs):  # a sequence's padding (past its own inputs) is never kept
-                self.shallow_states[b, ran[b]:ran[b] + len(x)] = h[b, :len(x)]
-                ran[b] += len(x)
-            if not any(drafting):
-                continue  # the last inputs ran; the next pass finds none
-            newest = out[torch.arange(n, device=device), torch.tensor([max(len(x) - 1, 0) for x in inputs],
-                                                                       device=device)][:, None]
-            if settings.greedy:
-                token, prob = self._propose(newest)
-            else:
-                token, prob, q = self._propose_sampled(newest, settings, generator)
-                for b, go in enumerate(drafting):
-                    if go:
-                        dists[b].append(q[b])
-            self._extend_drafts(drafts, drafting, token.tolist(), prob.tolist(), budget, settings, eos)
+    def draft(self, rnd: "RoundDrafts", drafter: Drafter, seqs: list[int], settings: DecodeSettings,
+              eos: set[int], generator: torch.Generator | None = None) -> None:
+        """Ask ``drafter`` for every drafting row's next tokens (``seqs[r]``: row r's prompt index) until none
+        drafts on; every input ends up run through layers 0..l-1 (and the adapter), its layer-l state kept."""
+        while any(rnd.drafting):
+            head = self._head_once(rnd, settings, generator)
+            for r, go in enumerate(rnd.drafting):
+                if go:
+                    rnd.take(r, drafter.propose(seqs[r], rnd.tokens[r], rnd.room(r), lambda r=r: head(r)), eos)
+        self._run_pending(rnd, settings.exit_layer, drafter.uses_adapter)
+
+    def _head_once(self, rnd: "RoundDrafts", settings: DecodeSettings,
+                   generator: torch.Generator | None) -> Callable[[int], HeadProposal]:
+        """Row r's draft-head proposal, computed for every row on the first ask of a draft step (one sync)."""
+        computed: list = []
+
+        def head(r: int) -> HeadProposal:
+            if not computed:
+                if self.adapter is None:
+                    raise ValueError("the drafter asked for the draft head, and this model has no adapter")
+                self._run_pending(rnd, settings.exit_layer, True)
+                newest = self.newest[:len(rnd.last)]
+                if settings.greedy:
+                    token, prob = self.steps.head(newest)
+                    computed.extend((token.tolist(), prob.tolist(), None))
+                else:
+                    token, prob, q = self._propose_sampled(newest, settings, generator)
+                    computed.extend((token.tolist(), prob.tolist(), q))
+                self.steps.syncs += 1
+            tokens, probs, q = computed
+            return HeadProposal(tokens[r], probs[r], None if q is None else q[r])
+
+        return head
+
+    def _run_pending(self, rnd: "RoundDrafts", exit_layer: int, adapter: bool) -> None:
+        """One forward of layers 0..l-1 (and the adapter) over every row's inputs not yet run, each at its own
+        offset; their layer-l states go to ``shallow_states``, the newest adapter output to ``newest``."""
+        inputs = [rnd.pending(r) for r in range(len(rnd.last))]
+        width = max(len(x) for x in inputs)
+        if width == 0:
+            return
+        ids = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64, device=self.w.device)
+        h, out = self.steps.shallow(ids, [p + k for p, k in zip(rnd.pos, rnd.ran)], exit_layer, adapter)
+        for r, x in enumerate(inputs):  # a row's padding (past its own inputs) is never kept
+            if x:
+                self.shallow_states[r, rnd.ran[r]:rnd.ran[r] + len(x)] = h[r, :len(x)]
+                if out is not None:
+                    self.newest[r] = out[r, len(x) - 1]
+                rnd.ran[r] += len(x)
+
+    def verify(self, rnd: "RoundDrafts", first: int, settings: DecodeSettings,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """Layers first..L-1 over the kept states of [last, d1..dk] (first = 0: the embedded ``last`` alone, the
+        vanilla step), then accept: per row the accepted drafts and one token of the full model's. One sync."""
+        n, k = len(rnd.last), rnd.width
+        if first == 0:
+            states = self.ops.embed(torch.tensor(rnd.last, device=self.w.device)[:, None], self.w.embed)
+        else:
+            states = self.shallow_states[:n, :k + 1]
+        drafts = self._padded(rnd.tokens, k)
         if settings.greedy:
-            return drafts, None
-        return drafts, self._draft_dists(drafts, dists, device)
+            _targets, accepted, bonus = self.steps.verify(states, drafts, rnd.pos, first)
+        else:
+            p = self._target_probs(self.steps.deep(states, rnd.pos, first), settings)
+            counts = torch.tensor([len(d) for d in rnd.tokens], dtype=torch.int64, device=p.device)
+            accepted, bonus = speculative_accept(drafts, counts, self._draft_dists(rnd, p), p, generator)
+        self.steps.syncs += 1
+        return [d[:a] + [t] for d, (a, t) in zip(rnd.tokens, torch.stack([accepted, bonus], 1).tolist())]
 
-    @staticmethod
-    def _copy_spans(lookups: list[NgramLookup], drafts: list[list[int]], drafting: list[bool], budget: list[int],
-                    eos: set[int], from_context: list[int] | None, dists: list[list] | None = None) -> None:
-        """Every drafting sequence extends its drafts by its context lookup's proposals while they come, within its
-        budget and up to an EOS (a copied draft counts as confident)."""
-        for b, lookup in enumerate(lookups):
-            while drafting[b]:
-                hit = lookup.propose(drafts[b])
-                if hit is None:
-                    break
-                drafts[b].append(hit)
-                drafting[b] = len(drafts[b]) < budget[b] and hit not in eos
-                if from_context is not None:
-                    from_context[b] += 1
-                if dists is not None:
-                    dists[b].append(None)
-
-    def _draft_dists(self, drafts: list[list[int]], dists: list[list[torch.Tensor | None]],
-                     device) -> torch.Tensor:
-        """Per sequence and draft, q over the full vocabulary as [B, K, V]: the adapter's processed distribution,
-        or a point mass on a copied draft; zero past a sequence's drafts."""
-        k = max(len(d) for d in drafts)
-        q = torch.zeros(len(drafts), k, self.cfg.vocab_size, dtype=torch.float32, device=device)
-        for b, (tokens, rows) in enumerate(zip(drafts, dists)):
+    def _draft_dists(self, rnd: "RoundDrafts", p: torch.Tensor) -> torch.Tensor:
+        """Per row and draft, q over the vocabulary as [B, K, V]: the drafter's distribution, or a point mass on a
+        deterministic draft (q None); zero past a row's drafts."""
+        q = p.new_zeros(len(rnd.tokens), rnd.width, p.shape[-1])
+        for b, (tokens, rows) in enumerate(zip(rnd.tokens, rnd.q)):
             for j, (token, row) in enumerate(zip(tokens, rows)):
                 if row is None:
                     q[b, j, token] = 1.0
@@ -336,77 +332,10 @@ class Engine:
                     q[b, j] = row
         return q
 
-    def verify(self, pos: list[int], num_drafts: int, exit_layer: int) -> torch.Tensor:
-        """Layers l..L-1 on the kept states of [last, d1..dk] of every sequence -> deep states [B, k + 1, H]."""
-        n = len(pos)
-        return self._layers(self.shallow_states[:n, :num_drafts + 1], self._starts(pos), exit_layer,
-                            self.cfg.num_layers)
-
-    def _graph_round(self, last: list[int], pos: list[int], settings: DecodeSettings, budget: list[int],
-                     eos: set[int], lookups: list[NgramLookup] | None = None,
-                     from_context: list[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
-        """``draft`` then ``verify`` (greedy) as replays of the draft and verify steps' graphs: the drafts per
-        sequence and the targets [B][k + 1]. Host syncs: one per draft step, one for the targets."""
-        graphs = self.decode_graphs(settings.exit_layer, settings.threshold)
-        n, device = len(pos), self.w.device
-        position = torch.tensor(pos, dtype=torch.int64, device=device)
-        token = torch.tensor(last, dtype=torch.int64, device=device)[:, None]
-        drafting = [k > 0 for k in budget]
-        drafts: list[list[int]] = [[] for _ in range(n)]
-        i = 0
-        while True:
-            h, draft, prob, _keep = graphs.draft_step(token, position + i)
-            self.shallow_states[:n, i:i + 1] = h
-            if not any(drafting):
-                break
-            i += 1
-            graphs.syncs += 1
-            hits = self._lookup_hits(lookups, drafts, drafting)
-            self._extend_drafts(drafts, drafting, draft.tolist(), prob.tolist(), budget, settings, eos, hits,
-                                from_context)
-            # stays on the device (copied into the step's static input before the replay) unless the lookup proposed
-            token = (draft if hits is None else self._newest(drafts, last, device))[:, None]
-        k = max(len(d) for d in drafts)
-        targets, _accepted, _bonus = graphs.verify_step(self.shallow_states[:n, :k + 1],
-                                                        self._padded(drafts, k, device), position)
-        graphs.syncs += 1
-        return drafts, targets.tolist()
-
-    @staticmethod
-    def _lookup_hits(lookups: list[NgramLookup] | None, drafts: list[list[int]],
-                     drafting: list[bool]) -> list[int | None] | None:
-        """Per sequence still drafting, the token its context lookup proposes after its drafts (or None); None
-        without lookups."""
-        if lookups is None:
-            return None
-        return [lookup.propose(d) if go else None for lookup, d, go in zip(lookups, drafts, drafting)]
-
-    @staticmethod
-    def _extend_drafts(drafts: list[list[int]], drafting: list[bool], tokens: list[int], confidences: list[float],
-                       budget: list[int], settings: DecodeSettings, eos: set[int],
-                       hits: list[int | None] | None = None, from_context: list[int] | None = None) -> None:
-        """Append a draft step's proposals of the sequences still drafting, and decide which draft on:
-        not past their budget, not after a proposal below the threshold, not after EOS. A lookup hit
-        (``hits[b]`` not None) takes the adapter's place, counts as confident and is counted in ``from_context``."""
-        for b, (t, conf) in enumerate(zip(tokens, confidences)):
-            if drafting[b]:
-                if hits is not None and hits[b] is not None:
-                    t, conf = hits[b], 1.0
-                    if from_context is not None:
-                        from_context[b] += 1
-                drafts[b].append(t)
-                drafting[b] = len(drafts[b]) < budget[b] and conf >= settings.threshold and t not in eos
-
-    @staticmethod
-    def _newest(drafts: list[list[int]], last: list[int], device) -> torch.Tensor:
-        """Every sequence's newest token: its last draft, or ``last`` before its first: the next step's input."""
-        return torch.tensor([d[-1] if d else t for d, t in zip(drafts, last)], dtype=torch.int64, device=device)
-
-    @staticmethod
-    def _padded(drafts: list[list[int]], k: int, device) -> torch.Tensor:
-        """Drafts as a [B, k] int64 tensor, zero-padded after each sequence's own drafts."""
+    def _padded(self, drafts: list[list[int]], k: int) -> torch.Tensor:
+        """Drafts as a [B, k] int64 tensor, zero-padded after each row's own drafts."""
         return torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64,
-                            device=device).view(len(drafts), k)
+                            device=self.w.device).view(len(drafts), k)
 
     @staticmethod
     def accept(drafts: list[int], targets: list[int]) -> int:
@@ -415,12 +344,6 @@ class Engine:
         while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
             accepted += 1
         return accepted
-
-    @classmethod
-    def _emitted(cls, drafts: list[int], targets: list[int]) -> list[int]:
-        """Greedy: the accepted drafts plus the target after them (the bonus token)."""
-        accepted = cls.accept(drafts, targets)
-        return drafts[:accepted] + [targets[accepted]]
 
     def commit(self, pos: list[int], emitted: list[int]) -> list[int]:
         """Every sequence moves on by the tokens it emitted this round (accepted drafts + 1)."""
@@ -451,21 +374,48 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, settings: DecodeSettings, eos: set[int], speculate: bool = True,
-                 callback: Callable[[list[int]], None] | None = None,
-                 generator: torch.Generator | None = None) -> tuple[list[int], GenerationStats]:
+                 callback: Callable[[list[int]], None] | None = None, generator: torch.Generator | None = None,
+                 drafter: Drafter | None = None) -> tuple[list[int], GenerationStats]:
         """Decode one prompt [1, n] int64; returns (new tokens, statistics)."""
         on_tokens = None if callback is None else (lambda _index, new: callback(new))
-        return self.generate_batch([prompt[0]], settings, eos, speculate, on_tokens, generator)[0]
+        return self.generate_batch([prompt[0]], settings, eos, speculate, on_tokens, generator, drafter)[0]
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[torch.Tensor], settings: DecodeSettings, eos: set[int],
                        speculate: bool = True, callback: Callable[[int, list[int]], None] | None = None,
-                       generator: torch.Generator | None = None) -> list[tuple[list[int], GenerationStats]]:
+                       generator: torch.Generator | None = None,
+                       drafter: Drafter | None = None) -> list[tuple[list[int], GenerationStats]]:
         """Decode prompts (1-D int64 tensors of any lengths) together; returns (new tokens, statistics) per prompt.
 
         Greedy when ``settings.temperature == 0``, else lossless speculative sampling drawing from ``generator``.
+        ``drafter``: what proposes drafts (``drafting.py``); None: the adapter (after the context lookup when
+        ``settings.lookup`` > 0). ``speculate=False`` decodes without drafting (vanilla).
         ``callback(index, new_tokens)`` follows each sequence. A sequence's ``decode_s`` runs until it finished.
         """
+        drafter = self._drafter(speculate, drafter, settings)
+        seqs = self._start(prompts, settings, drafter, generator, callback)
+        start = time.perf_counter()
+        while self._drop_finished(seqs, settings, eos, start):
+            rnd = RoundDrafts.start(seqs.last, seqs.pos, self._budgets(seqs, settings) if drafter else None)
+            speculating = drafter is not None and max(rnd.budget) > 0
+            if speculating:
+                self.draft(rnd, drafter, seqs.rows, settings, eos, generator)
+            emitted = self.verify(rnd, settings.exit_layer if speculating else 0, settings, generator)
+            self._commit_round(seqs, rnd, emitted, drafter, eos, callback)
+        for stats, new in zip(seqs.stats, seqs.tokens):
+            stats.new_tokens = len(new)
+        return list(zip(seqs.tokens, seqs.stats))
+
+    def _drafter(self, speculate: bool, drafter: Drafter | None, settings: DecodeSettings) -> Drafter | None:
+        from .drafting import make_drafter
+
+        if not speculate:
+            return None
+        return make_drafter("kangaroo" if drafter is None else drafter, settings.lookup, self.adapter is not None)
+
+    def _start(self, prompts: list[torch.Tensor], settings: DecodeSettings, drafter: Drafter | None,
+               generator: torch.Generator | None, callback) -> "_Sequences":
+        """Buffers for the batch, the prefill, the first token of every sequence, the drafter's start."""
         if not prompts:
             raise ValueError("no prompts to decode")
         lengths = [int(p.shape[0]) for p in prompts]
@@ -473,103 +423,63 @@ class Engine:
             if n + 1 > self.max_len:
                 raise ValueError(f"prompt of {n} tokens does not fit the cache of {self.max_len} positions "
                                  "(it needs prompt + 1)")
-        if speculate and self.adapter is None:
-            raise ValueError("speculative decoding needs an adapter: pass adapter=..., or speculate=False")
         batch = len(prompts)
         if batch > self.cache.batch:
             self._allocate(batch, self.max_len, settings.max_draft_steps)
-        if speculate and settings.max_draft_steps + 1 > self.shallow_states.shape[1]:
+        if drafter is not None and settings.max_draft_steps + 1 > self.shallow_states.shape[1]:
             self._grow_draft_buffer(settings.max_draft_steps)
         self.cache.reset(batch)
         if self.adapter is not None:
             self.adapter_cache.reset(batch)
-        exit_layer = settings.exit_layer if speculate else None
-        all_stats = [GenerationStats(prompt_tokens=n, dtype=str(self.w.dtype).replace("torch.", ""),
-                                     device=str(self.w.device), mode="kangaroo" if speculate else "vanilla")
-                     for n in lengths]
-
         start = time.perf_counter()
         padded = torch.zeros(batch, max(lengths), dtype=torch.int64, device=self.w.device)
         for b, p in enumerate(prompts):
             padded[b, :lengths[b]] = p
+        exit_layer = None if drafter is None else settings.exit_layer
         last = self._next_tokens(self.prefill(padded, lengths, exit_layer), settings, generator)
         prefill_s = time.perf_counter() - start
-        for b, stats in enumerate(all_stats):
-            stats.prefill_s = prefill_s
+        seqs = _Sequences(list(range(batch)), list(lengths), last, [[t] for t in last], [
+            GenerationStats(prompt_tokens=n, dtype=str(self.w.dtype).replace("torch.", ""), device=str(self.w.device),
+                            mode="vanilla" if drafter is None else "kangaroo", prefill_s=prefill_s) for n in lengths])
+        if drafter is not None:
+            drafter.begin([p.tolist() + [t] for p, t in zip(prompts, last)], settings.threshold)
+        for b, t in enumerate(last):
             if callback:
-                callback(b, [last[b]])
-        tokens = [[t] for t in last]
-        rows = list(range(batch))  # rows[r]: the prompt index decoded in cache row r
-        contexts = [NgramLookup(p.tolist() + [t], settings.lookup) for p, t in zip(prompts, last)] \
-            if speculate and settings.lookup else None
-        pos = list(lengths)
-        graphed = self.graph_mode != "off" and settings.greedy
-        start = time.perf_counter()
-        while True:
-            reasons = [self._stop_reason(tokens[i], p, settings, eos) for i, p in zip(rows, pos)]
-            if any(reasons):
-                for i, reason in zip(rows, reasons):
-                    if reason:
-                        all_stats[i].stop_reason = reason
-                        all_stats[i].decode_s = time.perf_counter() - start
-                keep = [r for r, reason in enumerate(reasons) if not reason]
-                if not keep:
-                    break
-                self._keep_rows(keep)
-                rows, pos, last = ([values[r] for r in keep] for values in (rows, pos, last))
-            # room for k drafts: k + 1 new tokens within max_new_tokens and within the cache
-            budget = [min(settings.max_draft_steps, settings.max_new_tokens - len(tokens[i]) - 1,
-                          self.max_len - p - 2) for i, p in zip(rows, pos)]
-            lookups = None if contexts is None else [contexts[i] for i in rows]
-            from_context = [0] * len(rows)
-            if speculate and max(budget) > 0 and graphed:
-                drafts, targets = self._graph_round(last, pos, settings, budget, eos, lookups, from_context)
-                emitted = [self._emitted(d, t) for d, t in zip(drafts, targets)]
-            elif graphed:
-                drafts = [[] for _ in rows]
-                ids = torch.tensor(last, device=self.w.device)[:, None]
-                graphs = self.decode_graphs(None)
-                emitted = graphs.vanilla_step(ids, torch.tensor(pos, device=self.w.device)).tolist()
-                graphs.syncs += 1
-            else:
-                if speculate and max(budget) > 0:
-                    drafts, q = self.draft(last, pos, settings, budget, eos, generator, lookups, from_context)
-                    x = self.verify(pos, max(len(d) for d in drafts), settings.exit_layer)
-                else:
-                    drafts, q = [[] for _ in rows], None
-                    ids = torch.tensor(last, device=self.w.device)[:, None]
-                    x = self._layers(self.ops.embed(ids, self.w.embed), self._starts(pos), 0, self.cfg.num_layers)
-                emitted = self._accept_round(x, drafts, q, settings, generator)
-            for r, (i, new) in enumerate(zip(rows, emitted)):
-                self._record(all_stats[i], len(drafts[r]), len(new) - 1)
-                all_stats[i].lookup_drafts += from_context[r]
-                for j, token in enumerate(new):
-                    if token in eos:
-                        new = new[:j + 1]
-                        break
-                tokens[i].extend(new)
-                if contexts is not None:
-                    contexts[i].extend(new)
-                last[r] = new[-1]
-                if callback:
-                    callback(i, new)
-            pos = self.commit(pos, [len(new) for new in emitted])
-        for stats, new in zip(all_stats, tokens):
-            stats.new_tokens = len(new)
-        return list(zip(tokens, all_stats))
+                callback(b, [t])
+        return seqs
 
-    def _accept_round(self, x: torch.Tensor, drafts: list[list[int]], q: torch.Tensor | None,
-                      settings: DecodeSettings, generator: torch.Generator | None) -> list[list[int]]:
-        """Per sequence, the accepted drafts plus one token, from the deep states x [B, K + 1, H]."""
-        if settings.greedy:
-            return [self._emitted(d, t) for d, t in zip(drafts, self._targets(x).tolist())]
-        p = self._target_probs(x, settings)
-        k = p.shape[1] - 1
-        padded = self._padded(drafts, k, p.device)
-        counts = torch.tensor([len(d) for d in drafts], dtype=torch.int64, device=p.device)
-        q = p.new_zeros(len(drafts), 0, p.shape[-1]) if q is None else q[:, :k]
-        accepted, token = speculative_accept(padded, counts, q, p, generator)
-        return [d[:a] + [t] for d, a, t in zip(drafts, accepted.tolist(), token.tolist())]
+    def _drop_finished(self, seqs: "_Sequences", settings: DecodeSettings, eos: set[int], start: float) -> bool:
+        """Record the finished sequences' stop reasons and drop their rows; False once none is left."""
+        reasons = [self._stop_reason(seqs.tokens[i], p, settings, eos) for i, p in zip(seqs.rows, seqs.pos)]
+        if not any(reasons):
+            return True
+        for i, reason in zip(seqs.rows, reasons):
+            if reason:
+                seqs.stats[i].stop_reason = reason
+                seqs.stats[i].decode_s = time.perf_counter() - start
+        keep = [r for r, reason in enumerate(reasons) if not reason]
+        if not keep:
+            return False
+        self._keep_rows(keep)
+        seqs.rows, seqs.pos, seqs.last = ([values[r] for r in keep] for values in (seqs.rows, seqs.pos, seqs.last))
+        return True
+
+    def _commit_round(self, seqs: "_Sequences", rnd: "RoundDrafts", emitted: list[list[int]],
+                      drafter: Drafter | None, eos: set[int], callback) -> None:
+        """Statistics, the emitted tokens (cut after an EOS) to their sequences and the drafter, then commit."""
+        for r, new in enumerate(emitted):
+            i = seqs.rows[r]
+            self._record(seqs.stats[i], len(rnd.tokens[r]), len(new) - 1)
+            seqs.stats[i].lookup_drafts += rnd.copied[r]
+            new = _cut_after_eos(new, eos)
+            emitted[r] = new
+            seqs.tokens[i].extend(new)
+            seqs.last[r] = new[-1]
+            if drafter is not None:
+                drafter.commit(i, new)
+            if callback:
+                callback(i, new)
+        seqs.pos = self.commit(seqs.pos, [len(new) for new in emitted])
 
     @staticmethod
     def _record(stats: GenerationStats, drafted: int, accepted: int) -> None:
@@ -581,3 +491,67 @@ class Engine:
             stats.accepted_at[j] += int(j < accepted)
         stats.rounds += 1
         stats.draft_steps += drafted
+
+
+def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for j, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:j + 1]
+    return tokens
+
+
+@dataclass
+class _Sequences:
+    """The batch being decoded: per cache row its prompt index, position and newest token; per prompt its tokens
+    and statistics."""
+
+    rows: list[int]
+    pos: list[int]
+    last: list[int]
+    tokens: list[list[int]]
+    stats: list[GenerationStats]
+
+
+@dataclass
+class RoundDrafts:
+    """One round's drafts, per cache row r (the sequence at ``pos[r]`` with newest token ``last[r]``)."""
+
+    last: list[int]
+    pos: list[int]
+    budget: list[int]          # the most drafts the round has room for
+    tokens: list[list[int]]    # the drafts d1, d2, ...
+    q: list[list]              # per draft, its draft distribution [V] when sampling, or None (a point mass)
+    ran: list[int]             # inputs [last, d1, d2, ...] already through layers 0..l-1
+    drafting: list[bool]       # may draft on
+    copied: list[int]          # drafts from proposals marked ``copied``
+
+    @classmethod
+    def start(cls, last: list[int], pos: list[int], budget: list[int] | None) -> "RoundDrafts":
+        n = len(last)
+        budget = [0] * n if budget is None else budget
+        return cls(list(last), list(pos), budget, [[] for _ in range(n)], [[] for _ in range(n)], [0] * n,
+                   [k > 0 for k in budget], [0] * n)
+
+    @property
+    def width(self) -> int:
+        """The longest row's drafts."""
+        return max(len(d) for d in self.tokens)
+
+    def room(self, r: int) -> int:
+        return self.budget[r] - len(self.tokens[r])
+
+    def pending(self, r: int) -> list[int]:
+        """Row r's inputs not yet run through the shallow layers."""
+        return ([self.last[r]] + self.tokens[r])[self.ran[r]:]
+
+    def take(self, r: int, proposal: Proposal, eos: set[int]) -> None:
+        """Append row r's proposal, cut to its room and after an EOS; it drafts on while the proposal was
+        confident, room is left and no EOS was drafted. An empty proposal stops it."""
+        tokens = _cut_after_eos(proposal.tokens[:self.room(r)], eos)
+        if not tokens:
+            self.drafting[r] = False
+            return
+        self.tokens[r].extend(tokens)
+        self.q[r].extend((proposal.q or [None] * len(tokens))[:len(tokens)])
+        self.copied[r] += len(tokens) if proposal.copied else 0
+        self.drafting[r] = proposal.confident and self.room(r) > 0 and tokens[-1] not in eos

@@ -1,29 +1,27 @@
-"""CUDA-graph capture and replay of the decode steps over the engine's static KV cache.
+"""The decode steps over the engine's static KV cache: plain calls, or CUDA graphs captured once and replayed.
 
-Three steps are graphed, each once per (kind, batch[, new tokens]):
+Four steps make every round of every decode mode (``Engine._round``), each kept once per (kind, batch, new tokens,
+layers):
 
-    draft    token [B, 1], position [B]           -> layer-l state [B, 1, H], draft token [B], probability [B],
-                                                     keep drafting [B]      (shallow layers, adapter, draft head)
+    shallow  tokens [B, T], position [B]      -> layer-l states [B, T, H], adapter outputs [B, T, H] (or None)
+                                                 (embedding, layers 0..l-1, the adapter where the drafter uses it)
+    head     adapter outputs [B, H]           -> draft token [B], its probability [B]    (adapter norm, draft head)
     verify   states [B, T, H], drafts [B, T-1], position [B]
-                                                  -> targets [B, T], accepted length [B], bonus token [B]
-                                                                            (deep layers, verification head)
-    vanilla  token [B, 1], position [B]           -> next token [B, 1]      (every layer, LM head: no drafting)
+                                              -> targets [B, T], accepted length [B], bonus token [B]
+                                                 (layers first..L-1, verification head; first = 0 is vanilla)
+    deep     states [B, T, H], position [B]   -> deep states [B, T, H]     (layers first..L-1; for sampling)
 
-A step is warmed up on a side stream (triton's JIT and the first allocations happen there), then captured, every
-graph sharing one memory pool. Replaying copies the new inputs into the step's static input tensors, replays, and
-returns the step's static outputs, valid until that step is replayed again. Positions are device tensors, so one
-graph serves every position; the caches are the engine's static buffers, written in place by the kernels (rows of
-finished sequences are moved within the same buffers, so captured pointers stay valid). One verify graph per
-verification length T (at most max_draft_steps + 1 of them): a padded single length would run every round at the
-longest length, and the verify step's cost grows with T.
+``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
+a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
+into static tensors and positions as device tensors, "eager" running the function on them at each call (how the
+tests check this path on CPU), "cuda" warming up on a side stream, capturing, and replaying (every graph sharing
+one memory pool). The caches are the engine's static buffers, written in place by the kernels; rows of finished
+sequences move within the same buffers, so captured pointers stay valid. One verify graph per verification length
+T (at most max_draft_steps + 1): a padded single length would run every round at the longest length.
 
-``capture=False`` keeps the same static-buffer discipline without CUDA ("eager replay": the step function runs on
-the static inputs at each call). The engine's graph loop runs that way on CPU, where the tests check it against
-HF; on CUDA the same loop replays real graphs (tests/test_graphs.py).
-
-Host syncs per round on this path (counted in ``DecodeGraphs.syncs``): one per draft step (the draft tokens and
-their probabilities, which decide whether drafting goes on) and one for the verification's targets. The draft
-tokens never leave the device between steps: each step's output token feeds the next step's input.
+Host syncs per round are the loop's, not the steps': one per draft step whose drafter asked the head (the tokens
+and probabilities decide whether drafting goes on) and one for the verification's accepted lengths and bonus
+tokens, counted in ``DecodeSteps.syncs``.
 """
 from __future__ import annotations
 
@@ -75,62 +73,88 @@ class StepGraph:
         return self.outputs
 
 
-class DecodeGraphs:
-    """The draft, verify and vanilla steps of ``engine`` as replayable graphs (see the module docstring)."""
+class DecodeSteps:
+    """The shallow, head, verify and deep steps of ``engine``, plain or as replayable graphs (module docstring)."""
 
-    def __init__(self, engine, exit_layer: int, threshold: float, capture: bool = True):
+    MODES = ("plain", "eager", "cuda")
+
+    def __init__(self, engine, mode: str = "plain"):
         from .backend.triton_backend import TritonBackend
 
-        if capture and not isinstance(engine.ops, TritonBackend):
+        if mode not in self.MODES:
+            raise ValueError(f"mode={mode!r} must be one of {', '.join(self.MODES)}")
+        if mode == "cuda" and not isinstance(engine.ops, TritonBackend):
             raise ValueError(f"CUDA graphs run on the triton backend, not {type(engine.ops).__name__}")
-        if capture and engine.w.device.type != "cuda":
+        if mode == "cuda" and engine.w.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {engine.w.device}")
-        if exit_layer is not None and engine.adapter is None:
-            raise ValueError("the draft step needs an adapter")
-        if exit_layer is not None and not 1 <= exit_layer < engine.cfg.num_layers:
-            raise ValueError(f"exit_layer={exit_layer} must lie in 1..{engine.cfg.num_layers - 1}")
-        self.engine, self.exit_layer, self.threshold, self.capture = engine, exit_layer, threshold, capture
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.engine, self.mode = engine, mode
+        self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.graphs: dict[tuple, StepGraph] = {}
-        self.syncs = 0  # host synchronisations made by the engine's graph loop (see the module docstring)
+        self.syncs = 0  # host synchronisations made by the engine's loop (see the module docstring)
 
-    def _draft(self, token: torch.Tensor, position: torch.Tensor):
-        e = self.engine
-        h = e._layers(e.ops.embed(token, e.w.embed), position, 0, self.exit_layer)
-        out = e._adapter(h, position)
-        draft, prob, keep = e.ops.draft_propose(out[:, -1], e.a_norm, e.cfg.rms_norm_eps, e.draft_head,
-                                                e.draft_vocab, self.threshold)
-        return h, draft, prob, keep
+    @property
+    def capture(self) -> bool:
+        return self.mode == "cuda"
 
-    def _verify(self, states: torch.Tensor, drafts: torch.Tensor, position: torch.Tensor):
+    # ---- the step functions ----------------------------------------------------------------------------------
+    def _shallow(self, tokens: torch.Tensor, position, stop: int, adapter: bool):
         e = self.engine
-        x = e._layers(states, position, self.exit_layer, e.cfg.num_layers)
+        h = e._layers(e.ops.embed(tokens, e.w.embed), position, 0, stop)
+        return h, (e._adapter(h, position) if adapter else None)
+
+    def _head(self, newest: torch.Tensor):
+        e = self.engine
+        token, prob, _keep = e.ops.draft_propose(newest, e.a_norm, e.cfg.rms_norm_eps, e.draft_head, e.draft_vocab)
+        return token, prob
+
+    def _verify(self, states: torch.Tensor, drafts: torch.Tensor, position, first: int):
+        e = self.engine
+        x = e._layers(states, position, first, e.cfg.num_layers)
+        if drafts.shape[1] == 0:  # nothing to accept: the targets' first column is the next token
+            targets = e._targets(x)
+            return targets, torch.zeros_like(targets[:, 0]), targets[:, 0]
         return e.ops.verify_accept(x, e.w.final_norm, e.cfg.rms_norm_eps, e.w.lm_head, drafts)
 
-    def _vanilla(self, token: torch.Tensor, position: torch.Tensor):
+    def _deep(self, states: torch.Tensor, position, first: int):
         e = self.engine
-        x = e._layers(e.ops.embed(token, e.w.embed), position, 0, e.cfg.num_layers)
-        return (e._targets(x),)
+        return (e._layers(states, position, first, e.cfg.num_layers),)
 
-    def _graph(self, key: tuple, fn, inputs: dict[str, torch.Tensor]) -> StepGraph:
+    # ---- calls -----------------------------------------------------------------------------------------------
+    def _run(self, key: tuple, fn, inputs: dict[str, torch.Tensor], pos: list[int]):
+        """``fn`` on ``inputs`` at per-sequence start positions ``pos``: directly ("plain"), or replayed."""
+        if self.mode == "plain":
+            return fn(**inputs, position=self.engine._starts(pos))
+        inputs["position"] = torch.tensor(pos, dtype=torch.int64, device=self.engine.w.device)
         if key not in self.graphs:
             # warm-up and capture run the step for real: on the first inputs, so the cache slots they write are
             # the ones the replay below writes again with the same values
             static = {name: value.clone() for name, value in inputs.items()}
             self.graphs[key] = StepGraph(fn, static, self.pool, capture=self.capture)
-        return self.graphs[key]
+        return self.graphs[key](**inputs)
 
-    def draft_step(self, token: torch.Tensor, position: torch.Tensor):
-        return self._graph(("draft", token.shape[0]), self._draft, {"token": token, "position": position})(
-            token=token, position=position)
+    def shallow(self, tokens: torch.Tensor, pos: list[int], stop: int, adapter: bool):
+        """Layers 0..stop-1 (and the adapter) on tokens [B, T] at positions pos[b].. -> (h, adapter outputs)."""
+        fn = lambda tokens, position: self._shallow(tokens, position, stop, adapter)  # noqa: E731
+        return self._run(("shallow", *tokens.shape, stop, adapter), fn, {"tokens": tokens}, pos)
 
-    def verify_step(self, states: torch.Tensor, drafts: torch.Tensor, position: torch.Tensor):
-        inputs = {"states": states, "drafts": drafts, "position": position}
-        return self._graph(("verify",) + tuple(states.shape[:2]), self._verify, inputs)(**inputs)
+    def head(self, newest: torch.Tensor):
+        """The draft head on the adapter outputs [B, H] -> (token [B], probability [B]); needs no positions."""
+        if self.mode == "plain":
+            return self._head(newest)
+        key = ("head", newest.shape[0])
+        if key not in self.graphs:
+            self.graphs[key] = StepGraph(self._head, {"newest": newest.clone()}, self.pool, capture=self.capture)
+        return self.graphs[key](newest=newest)
 
-    def vanilla_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self._graph(("vanilla", token.shape[0]), self._vanilla, {"token": token, "position": position})(
-            token=token, position=position)[0]
+    def verify(self, states: torch.Tensor, drafts: torch.Tensor, pos: list[int], first: int):
+        """Layers first..L-1 and the verification head -> (targets [B, T], accepted [B], bonus [B])."""
+        fn = lambda states, drafts, position: self._verify(states, drafts, position, first)  # noqa: E731
+        return self._run(("verify", *states.shape[:2], first), fn, {"states": states, "drafts": drafts}, pos)
+
+    def deep(self, states: torch.Tensor, pos: list[int], first: int) -> torch.Tensor:
+        """Layers first..L-1 -> deep states [B, T, H] (sampling computes its distributions from them)."""
+        fn = lambda states, position: self._deep(states, position, first)  # noqa: E731
+        return self._run(("deep", *states.shape[:2], first), fn, {"states": states}, pos)[0]
 
     @property
     def replays(self) -> int:

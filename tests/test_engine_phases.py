@@ -7,7 +7,8 @@ import torch
 import kangaroo_fast
 from kangaroo_fast.backend import TorchBackend, get_backend
 from kangaroo_fast.cache import StaticKVCache
-from kangaroo_fast.engine import Engine, GenerationStats
+from kangaroo_fast.drafting import AdapterDrafter
+from kangaroo_fast.engine import Engine, GenerationStats, RoundDrafts
 
 from conftest import early_exit_adapter, random_adapter, random_prompt, tiny_model
 
@@ -181,22 +182,27 @@ def test_phases_by_hand_reproduce_generate():
     eng = km.engine
     eng.cache.reset()
     eng.adapter_cache.reset()
+    drafter = AdapterDrafter()
     with torch.no_grad():
         last = eng._next_tokens(eng.prefill(ids, [9], exit_layer=4), settings, None)
         assert eng.cache.lengths.tolist() == [9]
+        drafter.begin([ids[0].tolist() + last], 0.0)
         tokens, pos = list(last), [9]
         partial = False
         while len(tokens) < 25:
             budget = min(3, 25 - len(tokens) - 1)
-            (drafts,), q = eng.draft(last, pos, settings, [budget], set())
-            assert len(drafts) == budget and q is None  # threshold 0: always the full budget; greedy: no q
-            (targets,) = eng._targets(eng.verify(pos, len(drafts), 4)).tolist()
-            assert len(targets) == len(drafts) + 1
+            rnd = RoundDrafts.start(last, pos, [budget])
+            eng.draft(rnd, drafter, [0], settings, set())
+            (drafts,) = rnd.tokens
+            assert len(drafts) == budget == rnd.ran[0] - 1  # threshold 0: the full budget, every input ran
+            (new,) = eng.verify(rnd, 4, settings)
+            targets = eng._targets(eng._layers(eng.shallow_states[:1, :budget + 1], 9 + len(tokens) - 1, 4,
+                                               km.config.num_layers))[0].tolist()
             accepted = Engine.accept(drafts, targets)
+            assert new == drafts[:accepted] + [targets[accepted]]  # the device's acceptance, checked on the host
             partial |= 0 < accepted < len(drafts)
             pos = eng.commit(pos, [accepted + 1])
             assert eng.cache.lengths.tolist() == pos == eng.adapter_cache.lengths.tolist()
-            new = drafts[:accepted] + [targets[accepted]]
             tokens.extend(new)
             last = [new[-1]]
     assert tokens == expected
@@ -262,3 +268,17 @@ def test_draft_buffer_grows_for_more_steps():
     assert km.engine.shallow_states.shape[1] == 10
     assert out.tokens == ref
     assert len(out.stats.drafted_at) == 9
+
+
+def test_the_loop_reads_as_small_phases():
+    """No function of the decode loop runs past 50 lines (the round is draft, verify, accept, commit)."""
+    import ast
+    from pathlib import Path
+
+    import kangaroo_fast.engine as engine_module
+
+    tree = ast.parse(Path(engine_module.__file__).read_text())
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, ast.FunctionDef)}
+    assert {"generate_batch", "draft", "verify", "commit"} <= set(lengths)
+    assert max(lengths.values()) <= 50, {name: n for name, n in lengths.items() if n > 50}

@@ -7,7 +7,7 @@ import torch
 
 import kangaroo_fast
 from kangaroo_fast.config import DecodeSettings
-from kangaroo_fast.graphs import DecodeGraphs, StepGraph
+from kangaroo_fast.graphs import DecodeSteps, StepGraph
 
 from conftest import early_exit_adapter, hf_greedy, make_layers_identity, random_prompt, tiny_model
 
@@ -18,7 +18,7 @@ def test_capture_refuses_the_reference_backend():
     model = tiny_model("llama", 3)
     km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="torch")
     with pytest.raises(ValueError, match="CUDA graphs run on the triton backend, not TorchBackend"):
-        DecodeGraphs(km.engine, 2, 0.5)
+        DecodeSteps(km.engine, "cuda")
     with pytest.raises(ValueError, match="graphs=True needs the triton backend on a CUDA device, not the torch "
                                          "backend on cpu"):
         kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="torch", graphs=True)
@@ -63,8 +63,9 @@ def test_eager_graph_loop_matches_hf_and_plain_loop(kind, threshold, steps):
         assert tokens == hf_greedy(model, prompt, 20, eos_token_id=None)
         assert (tokens, stats.rounds, stats.drafted_at, stats.accepted_at) == (
             plain_tokens, plain_stats.rounds, plain_stats.drafted_at, plain_stats.accepted_at)
-    graphs = graphed.engine.decode_graphs(2, threshold)
-    assert graphs.replays > 0 and all(key[0] in ("draft", "verify") for key in graphs.graphs)
+    steps = graphed.engine.steps
+    assert steps.replays > 0 and {key[0] for key in steps.graphs} == {"shallow", "head", "verify"}
+    assert plain.engine.steps.mode == "plain" and not plain.engine.steps.graphs
 
 
 def test_eager_graph_loop_counts_one_sync_per_draft_and_per_verify():
@@ -76,12 +77,14 @@ def test_eager_graph_loop_counts_one_sync_per_draft_and_per_verify():
     settings = DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=4, max_new_tokens=26)
     tokens, stats = km.engine.generate(prompt, settings, set())
     assert tokens == hf_greedy(model, prompt, 26, eos_token_id=None)
-    graphs = km.engine.decode_graphs(2, 0.0)
-    verifies = sum(g.replays for key, g in graphs.graphs.items() if key[0] == "verify")
+    steps = km.engine.steps
+    verifies = sum(g.replays for key, g in steps.graphs.items() if key[0] == "verify")
     assert verifies == stats.rounds
-    # every round: k proposals (one sync each) plus one draft step for the last draft's own state, no sync
-    assert graphs.graphs[("draft", 1)].replays == stats.draft_steps + stats.rounds
-    assert graphs.syncs == stats.draft_steps + stats.rounds
+    # every round: k proposals (one head each, one sync each) after the shallow step of the input before them,
+    # plus one shallow step for the last draft's own state, then one verification (one sync)
+    assert steps.graphs[("shallow", 1, 1, 2, True)].replays == stats.draft_steps + stats.rounds
+    assert steps.graphs[("head", 1)].replays == stats.draft_steps
+    assert steps.syncs == stats.draft_steps + stats.rounds
     assert stats.mean_accepted == 5.0  # all 4 drafts and the bonus, every round (25 tokens after the first)
 
 
@@ -95,8 +98,9 @@ def test_eager_graph_loop_batch_and_vanilla_match_hf():
         outs = km.engine.generate_batch(prompts, settings, set(), speculate=speculate)
         for p, (tokens, _) in zip(prompts, outs):
             assert tokens == hf_greedy(model, p[None], 15, eos_token_id=None)
-    vanilla = km.engine.decode_graphs(None)
-    assert set(key[0] for key in vanilla.graphs) == {"vanilla"} and vanilla.replays > 0
+    # vanilla is the verify step from layer 0 on the embedded newest token, for each batch size that ran
+    vanilla = {key: g for key, g in km.engine.steps.graphs.items() if key[-1] == 0}
+    assert set(vanilla) <= {("verify", b, 1, 0) for b in (1, 2, 3)} and sum(g.replays for g in vanilla.values())
 
 
 @needs_cuda
@@ -106,24 +110,27 @@ def test_cuda_graph_replay_matches_eager_steps():
     engine = km.engine
     assert engine.graph_mode == "cuda"
     prompt = random_prompt(model.config.vocab_size, 9, 5).to("cuda")
-    graphs = DecodeGraphs(engine, 2, 0.3)
+    steps = DecodeSteps(engine, "cuda")
     for position in (9, 10, 14):  # one graph serves every position
         engine.cache.reset(1)
         engine.adapter_cache.reset(1)
         x = engine.prefill(prompt, [9], 2)
         token = engine._targets(x)
         pos = torch.tensor([position], device="cuda")
-        h, draft, prob, keep = (t.clone() for t in graphs.draft_step(token, pos))
-        eager = graphs._draft(token, pos)
+        h, out = (t.clone() for t in steps.shallow(token, [position], 2, True))
+        eager = steps._shallow(token, pos, 2, True)
         torch.testing.assert_close(h, eager[0])
-        assert torch.equal(draft, eager[1]) and torch.equal(keep, eager[3])
-        torch.testing.assert_close(prob, eager[2])
+        torch.testing.assert_close(out, eager[1])
+        draft, prob = (t.clone() for t in steps.head(out[:, -1]))
+        eager_draft, eager_prob = steps._head(out[:, -1])
+        assert torch.equal(draft, eager_draft)
+        torch.testing.assert_close(prob, eager_prob)
         states = torch.cat([h, h], dim=1)
         drafts = draft[:, None]
-        replayed = [t.clone() for t in graphs.verify_step(states, drafts, pos)]
-        for a, b in zip(replayed, graphs._verify(states, drafts, pos)):
+        replayed = [t.clone() for t in steps.verify(states, drafts, [position], 2)]
+        for a, b in zip(replayed, steps._verify(states, drafts, pos, 2)):
             assert torch.equal(a, b)
-    assert set(graphs.graphs) == {("draft", 1), ("verify", 1, 2)}
+    assert set(steps.graphs) == {("shallow", 1, 1, 2, True), ("head", 1), ("verify", 1, 2, 2)}
 
 
 @needs_cuda
@@ -140,6 +147,6 @@ def test_cuda_graph_decode_matches_hf_and_the_reference(threshold):
         tokens, stats = km.engine.generate(prompt, settings, set())
         assert tokens == reference.engine.generate(prompt, settings, set())[0]
         assert tokens == hf_greedy(model, prompt, 24, eos_token_id=None)
-    graphs = km.engine.decode_graphs(2, threshold)
-    assert all(g.graph is not None for g in graphs.graphs.values())  # captured, not eager
-    assert graphs.replays > 0
+    steps = km.engine.steps
+    assert all(g.graph is not None for g in steps.graphs.values())  # captured, not eager
+    assert steps.replays > 0

@@ -10,6 +10,7 @@ import torch
 import kangaroo_fast
 from kangaroo_fast.adapter import Adapter
 from kangaroo_fast.config import DecodeSettings
+from kangaroo_fast.graphs import DecodeSteps
 from kangaroo_fast.lookup import NgramLookup
 
 from conftest import early_exit_adapter, hf_greedy, random_adapter, random_prompt, tiny_model
@@ -143,8 +144,8 @@ def test_steps_that_copy_skip_the_draft_head(monkeypatch):
     km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=5))
     ids = _repeating_prompt(model.config.vocab_size, 4)
     calls = []
-    propose = km.engine._propose
-    monkeypatch.setattr(km.engine, "_propose", lambda out: calls.append(1) or propose(out))
+    head = DecodeSteps.head
+    monkeypatch.setattr(DecodeSteps, "head", lambda steps, newest: calls.append(1) or head(steps, newest))
     out = km.generate(ids, max_new_tokens=30, threshold=0.0, max_draft_steps=4, lookup=1)
     assert out.tokens == hf_greedy(model, ids, 30)
     assert out.stats.lookup_drafts > 0

@@ -10,7 +10,7 @@ import pytest
 from kangaroo_fast.train.instructions import (bench_prompts, bootstrap_instructions, local_documentation_texts,
                                              training_instructions)
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "prompts.jsonl"
+BENCH = Path(__file__).resolve().parents[1] / "kangaroo_fast" / "data" / "prompts.jsonl"
 CATEGORIES = {"conversation", "translation", "summarization", "qa", "math", "rag"}
 
 

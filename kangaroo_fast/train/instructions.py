@@ -3,8 +3,8 @@ and English documentation text taken from the Python standard library's docstrin
 
 The instructions come from templates x topics x task types, with a good share of the benchmark's categories
 (conversation, translation, summarization, QA, math, retrieval-style questions), but none of them repeats a
-benchmark prompt: anything equal to a turn of ``bench/prompts.jsonl``, or sharing any 8-word window with one,
-is dropped. Everything here is deterministic for a given seed and uses only the standard library.
+benchmark prompt: anything equal to a turn of ``kangaroo_fast/data/prompts.jsonl``, or sharing any 8-word window
+with one, is dropped. Everything here is deterministic for a given seed and uses only the standard library.
 """
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-BENCH_PATH = Path(__file__).resolve().parents[2] / "bench" / "prompts.jsonl"
+# the benchmark prompt set, shipped in the package (``kangaroo_fast.benchmark.DEFAULT_PROMPTS``)
+BENCH_PATH = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
 WINDOW = 8  # words: an instruction sharing this many consecutive words with a bench turn is dropped
 
 
 # ----------------------------------------------------------------------------------------------- bench prompts
 
 def bench_prompts(path: str | Path | None = None) -> list[dict]:
-    """The benchmark prompts (one dict per line of ``bench/prompts.jsonl``); [] where the file is absent."""
+    """The benchmark prompts (one dict per line of ``kangaroo_fast/data/prompts.jsonl``); [] where the file is
+    absent."""
     path = Path(path) if path is not None else BENCH_PATH
     if not path.is_file():
         return []

@@ -17,7 +17,7 @@ setup(
     packages=["kangaroo_fast", "kangaroo_fast.backend", "kangaroo_fast.train", "kangaroo_fast.kernels"],
     package_dir={"kangaroo_fast": "kangaroo_fast", "kangaroo_fast.kernels": "kernels"},
     package_data={"kangaroo_fast": ["adapters/*/*.json", "adapters/*/*.safetensors", "adapters/*/*.md",
-                                    "train/*.json", "train/*.txt"]},
+                                    "data/*.jsonl", "train/*.json", "train/*.txt"]},
     install_requires=["torch>=2.4", "transformers>=4.56", "safetensors", "tqdm", "numpy"],
     extras_require={
         # the embedded default model is a GGUF: transformers needs gguf and accelerate to read it

@@ -2,11 +2,12 @@
 
     python bench/adapter_agreement.py [--adapter DIR] [--max-new-tokens 128] [--output FILE.json]
 
-A diagnosis, never a training or tuning input: for the first turn of every prompt in ``bench/prompts.jsonl`` the
-embedded model's greedy answer is decoded, the adapter is run teacher-forced over it (as in training), and the
-draft's top-1 is compared with the full model's at every answer position. Prints the agreement per category and the
-simulated tokens per round (the engine's draft/accept rule replayed, ``train.distill.simulate_rounds``) for a few
-settings. It tells a distribution gap (training instructions vs these prompts) from an engine problem.
+A diagnosis, never a training or tuning input: for the first turn of every prompt of the benchmark set
+(``kangaroo_fast/data/prompts.jsonl``) the embedded model's greedy answer is decoded, the adapter is run
+teacher-forced over it (as in training), and the draft's top-1 is compared with the full model's at every answer
+position. Prints the agreement per category and the simulated tokens per round (the engine's draft/accept rule
+replayed, ``train.distill.simulate_rounds``) for a few settings. It tells a distribution gap (training
+instructions vs these prompts) from an engine problem.
 
 It also measures how much of each answer repeats its context: ``copy`` is the share of answer positions where the
 token after the latest earlier occurrence of the current token (prompt and answer so far) is the full model's next

@@ -24,6 +24,8 @@ from kangaroo_fast.benchmark import machine_info
 from kangaroo_fast.engine import Engine
 from kangaroo_fast.models import LayerWeights, PackedModel, default_dtype
 
+from report import git_info  # bench/report.py: this folder is on sys.path (pytest's conftest, bench/gpu.py)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 0.4          # CPU: seconds of timed calls per op
 MIN_ROUNDS, MAX_ROUNDS = 5, 200
@@ -216,7 +218,7 @@ class Recorder:
 
     def write(self, stem: Path) -> dict:
         peak = peak_bandwidth(self.device)
-        data = {"machine": machine_info(), "device": str(self.device),
+        data = {"machine": {**machine_info(), **git_info()}, "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "peak_copy_gbps": peak, "context": CONTEXT,
                 "verify_tokens": VERIFY_TOKENS, "exit_layer": EXIT_LAYER,
                 "shapes": {name: asdict(s) for name, s in shapes(self.device).items()},

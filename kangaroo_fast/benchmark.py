@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,9 +36,10 @@ from typing import Callable, Iterable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = ROOT / "bench" / "prompts.jsonl"
-DEFAULT_OUTPUT_DIR = ROOT / "bench" / "results"
+# the prompt set ships in the package, so an installed wheel benchmarks without the source checkout
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
+# relative to the working directory: the checkout's bench/results when run from its root (`make bench`)
+DEFAULT_OUTPUT_DIR = Path("bench") / "results"
 
 METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo", "lookup")
 METHOD_LABELS = {"hf": "HF greedy", "hf_compile": "HF static+compile", "hf_early_exit": "HF early-exit assisted",
@@ -51,11 +51,13 @@ GREEDY_METHODS = ("hf", "hf_compile", "vanilla")
 # ---- prompts ------------------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
-    """One benchmark item: an id, a category and its user turns (only the first is used unless asked)."""
+    """One benchmark item: an id, a category and its user turns (only the first is used unless asked); ``split``
+    names the part of the prompt set it belongs to where the file says (None where it does not)."""
 
     id: str
     category: str
     turns: list[str]
+    split: str | None = None
 
 
 def _parse_jsonl(path: Path, id_key: str) -> list[Sample]:
@@ -88,11 +90,14 @@ def _parse_jsonl(path: Path, id_key: str) -> list[Sample]:
         category = row.get("category", "questions")
         if not isinstance(category, str) or not category.strip():
             raise ValueError(f"{where}: 'category' must be a non-empty string, got {category!r}")
+        split = row.get("split")
+        if split is not None and (not isinstance(split, str) or not split.strip()):
+            raise ValueError(f"{where}: 'split' must be a non-empty string where given, got {split!r}")
         sample_id = str(row[id_key])
         if sample_id in seen:
             raise ValueError(f"{where}: {id_key} {sample_id!r} repeats line {seen[sample_id]}")
         seen[sample_id] = number
-        samples.append(Sample(sample_id, category, list(turns)))
+        samples.append(Sample(sample_id, category, list(turns), split))
     if not samples:
         raise ValueError(f"{path}: no questions in the file")
     return samples
@@ -100,13 +105,14 @@ def _parse_jsonl(path: Path, id_key: str) -> list[Sample]:
 
 def load_questions(path: str | Path) -> list[Sample]:
     """A Spec-Bench ``question.jsonl`` (``question_id``, ``category``, ``turns``): the first turn of each."""
-    return [Sample(s.id, s.category, s.turns[:1]) for s in _parse_jsonl(Path(path), "question_id")]
+    return [Sample(s.id, s.category, s.turns[:1], s.split) for s in _parse_jsonl(Path(path), "question_id")]
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS, all_turns: bool = True) -> list[Sample]:
-    """This project's prompt set (``id``, ``category``, ``turns``); only the first turns unless ``all_turns``."""
+    """This project's prompt set (``id``, ``category``, ``turns``, optionally ``split``); only the first turns
+    unless ``all_turns``."""
     samples = _parse_jsonl(Path(path), "id")
-    return samples if all_turns else [Sample(s.id, s.category, s.turns[:1]) for s in samples]
+    return samples if all_turns else [Sample(s.id, s.category, s.turns[:1], s.split) for s in samples]
 
 
 def per_category(samples: list[Sample], limit: int | None) -> list[Sample]:
@@ -126,12 +132,15 @@ def per_category(samples: list[Sample], limit: int | None) -> list[Sample]:
 
 # ---- machine ------------------------------------------------------------------------------------------------------
 def machine_info() -> dict:
-    """The machine, library versions and the git commit, for every results file."""
+    """The machine and the library versions, for every results file. The source's git commit is not the library's
+    to know (an installed wheel has none): the bench tooling of the checkout adds it (``bench/report.py``)."""
     import transformers
+
+    from . import __version__
 
     info = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "kangaroo_fast": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "cuda": torch.version.cuda if torch.cuda.is_available() else None}
     try:
@@ -139,15 +148,6 @@ def machine_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    try:
-        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT, timeout=10)
-        commit = run("rev-parse", "HEAD").stdout.strip() or None
-        # results files and the README's benchmark block are what runs write, not code: they do not count
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results",
-                         ":(exclude)README.md").stdout.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    info.update(commit=commit, dirty=dirty)
     return info
 
 
@@ -511,41 +511,14 @@ def markdown_table(result: dict) -> str:
     return text
 
 
-def plot_speedups(result: dict, path: Path) -> None:
-    """Grouped bars: speedup over HF greedy per category (and overall), one bar per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary, methods = result["summary"], result["methods"]
-    categories = [c for c in summary if c != "overall"] + ["overall"]
-    width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(categories) + 2), 4.0))
-    for i, m in enumerate(methods):
-        values = [summary[c][m]["speedup_vs_hf"] or 0.0 for c in categories]
-        ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(categories))], values, width,
-               label=METHOD_LABELS[m])
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(categories)), categories)
-    ax.set_ylabel("speedup over HF greedy")
-    s = result["settings"]
-    ax.set_title(f"{result.get('model', 'model')}, {s['dtype']} on {s['device']}, {s['max_new_tokens']} new tokens")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_results(result: dict, output_dir: Path, stem: str) -> dict[str, Path]:
-    """Write ``stem``.json (everything), ``stem``.md (the tables) and ``stem``.png (the plot)."""
+    """Write ``stem``.json (everything) and ``stem``.md (the tables); the plot and the README block are the bench
+    tooling's (``bench/report.py``)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md",
-             "plot": output_dir / f"{stem}.png"}
+    paths = {"json": output_dir / f"{stem}.json", "markdown": output_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
     paths["markdown"].write_text(markdown_table(result))
-    plot_speedups(result, paths["plot"])
     return paths
 
 
@@ -705,44 +678,3 @@ def tune_markdown(result: dict) -> str:
                      f"| {r['drafts_per_round']:.2f} "
                      f"| {r['mismatches_vs_vanilla']} |")
     return "\n".join(lines) + "\n"
-
-
-# ---- README -------------------------------------------------------------------------------------------------------
-README_START = "<!-- bench:start: written by `kangaroo-fast bench --readme`, do not edit by hand -->"
-README_END = "<!-- bench:end -->"
-
-
-def check_readme(readme: Path) -> str:
-    """The README's text; an error unless it has one benchmark block (checked before a long run, not after)."""
-    readme = Path(readme)
-    if not readme.is_file():
-        raise FileNotFoundError(f"README {str(readme)!r} does not exist")
-    text = readme.read_text(encoding="utf-8")
-    if text.count(README_START) != 1 or text.count(README_END) != 1 or \
-            text.index(README_START) > text.index(README_END):
-        raise ValueError(f"{readme} needs one benchmark block: a line {README_START!r}, then a line {README_END!r}")
-    return text
-
-
-def update_readme(readme: Path, result: dict, paths: dict[str, Path]) -> None:
-    """Replace the block between README_START and README_END with the run's command, machine, tables and plot."""
-    readme = Path(readme)
-    text = check_readme(readme)
-    base = readme.resolve().parent
-    rel = {k: os.path.relpath(Path(p).resolve(), base) for k, p in paths.items()}
-    m = result["machine"]
-    commit = (m.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if m.get("dirty") else "")
-    threads = m["torch_threads"]
-    where = m.get("gpu") or f"{m['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
-    block = "\n".join([
-        README_START,
-        f"`{result['command']}` on {where}; {result['model']}, {len(result['records']) // len(result['methods'])} "
-        f"prompts; commit {commit}; torch {m['torch']}, transformers {m['transformers']}. "
-        f"Results: [`{rel['json']}`]({rel['json']}).",
-        "",
-        markdown_table(result).rstrip("\n"),
-        "",
-        f"![speedup over HF greedy per category]({rel['plot']})",
-        README_END])
-    head, rest = text.split(README_START, 1)
-    readme.write_text(head + block + rest.split(README_END, 1)[1], encoding="utf-8")

@@ -87,7 +87,9 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
 
 
-def cmd_bench(args) -> int:
+def run_bench(args) -> dict[str, Path]:
+    """``kangaroo-fast bench``: run, write the results files, print the tables; the paths written (json, markdown).
+    The checkout's ``bench/report.py`` (``make bench``) calls this too, then adds the commit, plot and README."""
     import kangaroo_fast as kf
     from . import benchmark
 
@@ -100,8 +102,6 @@ def cmd_bench(args) -> int:
     for size in args.batch_sizes or []:
         _check_positive("batch_sizes", size)
     methods = benchmark.check_methods(args.methods)
-    if args.readme is not None:
-        benchmark.check_readme(args.readme)
     samples = _bench_samples(args, all_turns=not (args.quick or args.first_turn))
     model = kf.load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
     result = benchmark.run_benchmark(model, samples, methods, args.max_new_tokens, _settings(args),
@@ -114,10 +114,13 @@ def cmd_bench(args) -> int:
               "machine": benchmark.machine_info(), **result}
     stem = args.name or ("bench-quick" if args.quick else "bench") + "-" + result["settings"]["device"].split(":")[0]
     paths = benchmark.write_results(result, Path(args.output_dir), stem)
-    if args.readme is not None:
-        benchmark.update_readme(args.readme, result, paths)
     print(benchmark.markdown_table(result))
     print("written: " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def cmd_bench(args) -> int:
+    run_bench(args)
     return 0
 
 
@@ -237,8 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10)
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                        help="also decode the first turns in batches of these sizes (vanilla and Kangaroo)")
-    bench.add_argument("--readme", type=Path, default=None,
-                       help="rewrite this README's benchmark block with the run's tables, plot and command")
     bench.set_defaults(func=cmd_bench)
 
     tune = sub.add_parser("tune", help="speedup over a grid of thresholds, draft steps and adapters")

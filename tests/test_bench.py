@@ -1,5 +1,9 @@
-"""kangaroo-fast bench / tune: prompt and questions files, the runner on a tiny random model, results files."""
+"""kangaroo-fast bench / tune: prompt and questions files, the runner on a tiny random model, results files; the
+checkout's bench tooling (bench/report.py: commit, plot, README block; bench/harness.py)."""
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,8 @@ import kangaroo_fast as kf
 from kangaroo_fast import benchmark, cli
 from conftest import random_adapter, tiny_model
 
-PROMPTS = Path(__file__).resolve().parents[1] / "bench" / "prompts.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = benchmark.DEFAULT_PROMPTS
 TINY_VOCAB = 131  # the tiny llama of conftest
 
 
@@ -83,6 +88,26 @@ def test_empty_and_missing_questions_files(tmp_path):
         benchmark.load_questions(write_lines(tmp_path / "empty.jsonl", ["", "  "]))
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         benchmark.load_questions(tmp_path / "absent.jsonl")
+
+
+def test_prompt_set_ships_in_the_package():
+    assert PROMPTS == Path(kf.__file__).resolve().parent / "data" / "prompts.jsonl" and PROMPTS.is_file()
+    assert not (ROOT / "bench" / "prompts.jsonl").exists()  # one copy of the prompt set
+    from kangaroo_fast.train.instructions import BENCH_PATH
+
+    assert BENCH_PATH == PROMPTS
+
+
+def test_prompts_may_name_a_split(tmp_path):
+    path = write_lines(tmp_path / "prompts.jsonl", [
+        json.dumps({"id": "a", "category": "qa", "turns": ["one", "two"], "split": "tune"}),
+        json.dumps({"id": "b", "category": "qa", "turns": ["three"]})])
+    assert [(s.id, s.split) for s in benchmark.load_prompts(path)] == [("a", "tune"), ("b", None)]
+    assert [(s.turns, s.split) for s in benchmark.load_prompts(path, all_turns=False)] == [(["one"], "tune"),
+                                                                                          (["three"], None)]
+    write_lines(path, [json.dumps({"id": "a", "turns": ["one"], "split": ""})])
+    with pytest.raises(ValueError, match=f"{path}:1: 'split' must be a non-empty string"):
+        benchmark.load_prompts(path)
 
 
 def test_shipped_prompts_and_per_category():
@@ -260,15 +285,15 @@ def test_runner_rejects_bad_input(tiny):
 def test_results_files(tiny_result, tmp_path):
     result = {"model": "tiny-llama", "machine": benchmark.machine_info(), **tiny_result}
     paths = benchmark.write_results(result, tmp_path / "out", "run")
-    assert {p.name for p in paths.values()} == {"run.json", "run.md", "run.png"}
+    assert {p.name for p in paths.values()} == {"run.json", "run.md"}  # the plot is bench/report.py's
     data = json.loads(paths["json"].read_text())
     assert data["summary"] == json.loads(json.dumps(tiny_result["summary"]))
-    assert data["machine"]["torch"] == torch.__version__ and "commit" in data["machine"]
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["kangaroo_fast"] == kf.__version__
+    assert "commit" not in data["machine"]  # the library asks no git: bench/report.py adds it
     table = paths["markdown"].read_text()
     for method in NO_COMPILE:
         assert f"| {benchmark.METHOD_LABELS[method]} |" in table
     assert "| method | conversation | math | overall |" in table
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_bench_quick_writes_results(tiny, tmp_path, monkeypatch, capsys):
@@ -282,7 +307,7 @@ def test_cli_bench_quick_writes_results(tiny, tmp_path, monkeypatch, capsys):
     assert data["quick"] is True and data["settings"]["max_new_tokens"] == 5
     assert len({r["id"] for r in data["records"]}) == 6  # one prompt per category
     assert all(r["turn"] == 0 for r in data["records"])
-    assert (tmp_path / "quick.md").exists() and (tmp_path / "quick.png").exists()
+    assert (tmp_path / "quick.md").exists() and not (tmp_path / "quick.png").exists()
     assert "| kangaroo_fast Kangaroo |" in capsys.readouterr().out
 
 
@@ -344,38 +369,82 @@ def test_tune_grid(tiny):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5], [2], max_new_tokens=6, encode=byte_encoder, lookups=[-1])
 
 
-def test_readme_block_is_rewritten(tiny_result, tmp_path):
+# ---- the checkout's bench tooling ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report():
+    """bench/report.py, loaded from its file as the scripts of bench/ are (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_library_cli_has_no_readme_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--readme", "README.md"])
+    assert "unrecognized arguments: --readme" in capsys.readouterr().err
+
+
+def test_readme_block_is_rewritten(report, tiny_result, tmp_path):
     result = {"command": "kangaroo-fast bench --quick", "model": "tiny-llama", "machine": benchmark.machine_info(),
               **tiny_result}
     paths = benchmark.write_results(result, tmp_path / "bench" / "results", "bench-quick-cpu")
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{benchmark.README_START}\nold numbers\n{benchmark.README_END}\nafter\n")
-    benchmark.update_readme(readme, result, paths)
+    readme.write_text(f"# title\n\nbefore\n{report.README_START}\nold numbers\n{report.README_END}\nafter\n")
+    paths = report.complete(paths, {"commit": "0123456789abcdef", "dirty": True}, readme)
+    assert paths["plot"] == tmp_path / "bench" / "results" / "bench-quick-cpu.png"
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    machine = json.loads(paths["json"].read_text())["machine"]
+    assert machine["commit"] == "0123456789abcdef" and machine["dirty"] is True
     text = readme.read_text()
     assert "old numbers" not in text
-    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{benchmark.README_END}\nafter\n")
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{report.README_END}\nafter\n")
     assert "`kangaroo-fast bench --quick`" in text and "4 prompts" in text
+    assert "commit 0123456789ab (uncommitted changes)" in text
     assert "(bench/results/bench-quick-cpu.json)" in text and "](bench/results/bench-quick-cpu.png)" in text
     assert benchmark.markdown_table(result).splitlines()[2] in text
-    benchmark.update_readme(readme, result, paths)  # a second run replaces the block again, once
+    report.update_readme(readme, json.loads(paths["json"].read_text()), paths)  # a second run replaces it, once
     assert readme.read_text() == text
 
 
-def test_readme_without_block_fails_before_the_run(tmp_path, capsys, monkeypatch):
+def test_report_runs_the_bench_then_adds_commit_plot_and_readme(report, tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
+    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    code = report.main(["--readme", str(readme), "--quick", "--methods", "hf", "vanilla", "kangaroo",
+                        "--max-new-tokens", "3", "--output-dir", str(tmp_path), "--name", "q"])
+    assert code == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert data["command"] == ("kangaroo-fast bench --quick --methods hf vanilla kangaroo --max-new-tokens 3 "
+                               f"--output-dir {tmp_path} --name q")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert data["machine"]["commit"] == (head or None) and "dirty" in data["machine"]
+    assert (tmp_path / "q.png").exists() and "](q.png)" in readme.read_text()
+    assert "| kangaroo_fast Kangaroo |" in capsys.readouterr().out
+
+
+def test_report_checks_the_readme_before_the_run(report, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(kf, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
     readme = tmp_path / "README.md"
     readme.write_text("# no block here\n")
-    assert cli.main(["bench", "--readme", str(readme)]) == 2
+    assert report.main(["--readme", str(readme), "--quick"]) == 2
     assert "needs one benchmark block" in capsys.readouterr().err
+    assert report.main(["--readme", str(tmp_path / "absent.md")]) == 2
+    assert "absent.md" in capsys.readouterr().err
+    assert report.main(["--methods", "vanilla"]) == 2  # the library's own checks, still before the model
+    assert "must include 'hf'" in capsys.readouterr().err
 
 
-def test_micro_harness_statistics(monkeypatch):
-    import importlib.util
-    import sys
+def test_git_info_outside_a_checkout(report, tmp_path):
+    assert report.git_info(tmp_path) == {"commit": None, "dirty": None}
 
-    spec = importlib.util.spec_from_file_location("bench_harness", PROMPTS.parent / "harness.py")
+
+def test_micro_harness_statistics(report, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "bench" / "harness.py")
     harness = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, harness)  # dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, "report", report)  # harness imports it from its own folder
     spec.loader.exec_module(harness)
     m = harness.Measurement.from_times([4.0, 1.0, 3.0, 2.0, 5.0], 2_000_000, op="linear", case="T=1",
                                        shape="s", provider="torch", device="cpu", dtype="float32")
@@ -396,12 +465,8 @@ def test_micro_harness_statistics(monkeypatch):
 def test_microbenchmarks_run_against_the_current_engine(tmp_path):
     """The microbenchmarks call the engine's phases directly: one quick pass (timing off) catches a signature
     drift that would otherwise surface only in `make bench`."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             str(root / "bench" / "test_micro.py"), "-k", "smollm2", "--benchmark-disable",
+                             str(ROOT / "bench" / "test_micro.py"), "-k", "smollm2", "--benchmark-disable",
                              "--micro-output", str(tmp_path / "micro")],
-                            cwd=root, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

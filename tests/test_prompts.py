@@ -1,4 +1,5 @@
 """The benchmark prompt set and the offline training text (no model needed)."""
+import hashlib
 import json
 import re
 from collections import Counter
@@ -9,7 +10,7 @@ import pytest
 from kangaroo_fast.train.instructions import (bench_prompts, bootstrap_instructions, local_documentation_texts,
                                              training_instructions)
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "prompts.jsonl"
+BENCH = Path(__file__).resolve().parents[1] / "kangaroo_fast" / "data" / "prompts.jsonl"
 CATEGORIES = {"conversation", "translation", "summarization", "qa", "math", "rag"}
 
 
@@ -95,3 +96,29 @@ def test_bootstrap_instructions_bad_input_is_named():
         bootstrap_instructions(instructions, answers, -1)
     with pytest.raises(ValueError, match=r"only \d+ distinct second-stage instructions from 1 answers, asked for 5000"):
         bootstrap_instructions(["Hi?"], ["Too short to quote."], 5000)
+
+
+# sha256 of "\n".join(items), computed from the code before the word lists moved to a data file: the training text
+# (and so the shipped adapter's recipe) must not change when the lists move or are reformatted
+PINNED = {("training", 0, 40000): "a3efeeed01b815c280c2464ff645bdb22035109f9610345ca89b5a91b466081c",
+          ("training", 1, 20000): "5b714a73db11d75fcaf596967e38ecf66a36927e3f4418ff348f70d5e0f13fc6",
+          ("bootstrap", 0, 500): "11c2d35d54efb0d3186b946ad9b4c19673eaedae9830fa83d66eb59e8ba8802a"}
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()
+
+
+def test_instruction_text_is_pinned(monkeypatch):
+    """The generators over every word list and template, without the bench filter (the prompt set may grow
+    without changing the pinned text): 40000 items spend every finite pool."""
+    import kangaroo_fast.train.instructions as instructions
+
+    monkeypatch.setattr(instructions, "bench_prompts", lambda path=None: [])
+    for seed, n in ((0, 40000), (1, 20000)):
+        assert _digest(training_instructions(n, seed=seed)) == PINNED["training", seed, n], (seed, n)
+    answers = [f"Sentence number {i} talks about apples and pears in the garden. " * 3 + "\n\n"
+               + f"Another paragraph {i}: 1. **First** point is long enough to be quoted here. "
+                 f"2. Second one also qualifies as such." * 4 for i in range(30)]
+    questions = [f"Tell me about fruit number {i}?" for i in range(30)]
+    assert _digest(bootstrap_instructions(questions, answers, 500, seed=0)) == PINNED["bootstrap", 0, 500]

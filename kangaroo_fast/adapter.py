@@ -86,9 +86,21 @@ class AdapterConfig:
             raise ValueError(f"adapter exit_layer={self.exit_layer} is outside 1..{config.num_layers - 1}")
 
 
+def adapter_block(ops, hidden: torch.Tensor, input_norm: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
+                  eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  start, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The adapter's maths before its final norm, once for every caller: hidden [B, T, H] (layer-l states at
+    positions start..start+T-1) -> hidden + o(attention(rope(qkv(rms_norm(hidden))))), writing the new keys/values
+    into the caches. ``ops`` is a backend (the engine's, or the reference for training); ``cos``/``sin`` are the
+    whole [S, D] tables in the activation dtype; ``start`` an int or per-sequence [B] tensor, as the ops take it."""
+    q = ops.qkv_rope_cache_write(hidden, input_norm, eps, w_qkv, None, cos, sin, k_cache, v_cache, start, num_heads,
+                                 num_kv_heads)
+    return ops.linear_residual(ops.attention(q, k_cache, v_cache, start), w_o, hidden)
+
+
 class Adapter(nn.Module):
     """The adapter as a trainable module. ``forward`` runs it over whole sequences (training, prefill checks);
-    the engine runs the same maths step by step through the backend seam."""
+    the engine runs the same ``adapter_block`` step by step through its backend."""
 
     def __init__(self, config: AdapterConfig, draft_vocab: torch.Tensor | None = None):
         super().__init__()
@@ -117,14 +129,12 @@ class Adapter(nn.Module):
 
         c = self.config
         bsz, t, _ = hidden.shape
-        x = ops.rms_norm(hidden, self.input_norm, c.rms_norm_eps)
-        qkv = ops.linear(x, self.qkv_weight())
         k_cache = hidden.new_zeros(bsz, c.num_key_value_heads, t, c.head_dim)
         v_cache = torch.zeros_like(k_cache)
-        q = ops.rope_cache_write(qkv, cos.to(x.dtype), sin.to(x.dtype), k_cache, v_cache, 0,
-                                 c.num_attention_heads, c.num_key_value_heads)
-        attn = ops.attention(q, k_cache, v_cache, 0)
-        return ops.rms_norm(hidden + ops.linear(attn, self.o_proj.weight), self.norm, c.rms_norm_eps)
+        out = adapter_block(ops, hidden, self.input_norm, self.qkv_weight(), self.o_proj.weight, c.rms_norm_eps,
+                            cos.to(hidden.dtype), sin.to(hidden.dtype), k_cache, v_cache, 0,
+                            c.num_attention_heads, c.num_key_value_heads)
+        return ops.rms_norm(out, self.norm, c.rms_norm_eps)
 
     def qkv_weight(self) -> torch.Tensor:
         """q, k and v projections stacked as one [(Hq + 2 Hkv) D, H] matrix, the engine's layout."""

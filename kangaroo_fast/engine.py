@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter
+from .adapter import Adapter, adapter_block
 from .backend import resolve_backend
 from .cache import StaticKVCache
 from .config import DecodeSettings
@@ -188,11 +188,9 @@ class Engine:
 
     def _adapter(self, h: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """The adapter block (before its final norm) on layer-l states h [B, T, H], writing its cache."""
-        ops, c = self.ops, self.cfg
         k_cache, v_cache = self.adapter_cache.layer(0)
-        q = ops.qkv_rope_cache_write(h, self.a_input_norm, c.rms_norm_eps, self.a_qkv, None, self.cos, self.sin,
-                                     k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
-        return ops.linear_residual(ops.attention(q, k_cache, v_cache, start), self.a_o, h)
+        return adapter_block(self.ops, h, self.a_input_norm, self.a_qkv, self.a_o, self.cfg.rms_norm_eps, self.cos,
+                             self.sin, k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads)
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.verify_head(x, self.w.final_norm, self.cfg.rms_norm_eps, self.w.lm_head)

@@ -1,10 +1,11 @@
-"""The batched greedy decoder that writes the adapter's training answers: HF's greedy output, row by row."""
+"""The engine as the batched greedy decoder that writes the adapter's training answers: HF's greedy output, row by
+row."""
 import pytest
 import torch
 
 from conftest import tiny_model
 from kangaroo_fast.models import pack_model
-from kangaroo_fast.train.data import batched_greedy
+from kangaroo_fast.train.data import greedy_decoder
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
@@ -22,6 +23,6 @@ def test_batched_greedy_equals_hf_greedy_per_row(kind):
     # a token of row 2's answer serves as EOS: that row (and any other holding it) stops at its first occurrence
     eos = {expected[2][3]}
     stop_at = [next((j + 1 for j, t in enumerate(row) if t in eos), len(row)) for row in expected]
-    answers = batched_greedy(pack_model(hf), prompts, 9, eos)
+    answers = greedy_decoder(pack_model(hf), 13 + 9 + 1)(prompts, 9, eos)
     assert answers == [row[:n] for row, n in zip(expected, stop_at)]
     assert len(answers[2]) <= 4 and answers[2][-1] in eos

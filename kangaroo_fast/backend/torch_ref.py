@@ -100,15 +100,9 @@ class TorchBackend:
         elif t > 1:
             q_pos = torch.arange(start, end, device=q.device)[:, None]
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos
-        groups = hq // k.shape[1]
-        gqa = {}
-        if groups > 1 and mask is None:
-            gqa = {"enable_gqa": True}  # as HF: grouped K/V read in place when no mask is given
-        elif groups > 1:
-            k = _repeat_kv(k, groups)
-            v = _repeat_kv(v, groups)
+        # grouped K/V read in place (no copy per query group); the same products as repeating them, bit for bit
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=d ** -0.5,
-                                             **gqa)
+                                             enable_gqa=hq != k.shape[1])
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
     @staticmethod
@@ -126,11 +120,9 @@ class TorchBackend:
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
-        groups = hq // k_cache.shape[1]
         k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        if groups > 1:
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=d ** -0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=d ** -0.5,
+                                             enable_gqa=hq != k.shape[1])
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
     # ---- fused ops: compositions of the ops above here, one kernel each in the Triton backend --------------------
@@ -215,8 +207,3 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D], each K/V head repeated for its query group."""
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)

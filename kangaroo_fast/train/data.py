@@ -23,85 +23,36 @@ def chat_ids(tokenizer, instruction: str) -> list[int]:
 @torch.no_grad()
 def generate_answers(packed, tokenizer, instructions: list[str], max_new_tokens: int, batch_size: int,
                      eos_ids: set[int], progress: bool = True) -> list[list[int]]:
-    """Prompt + greedy answer token ids for every instruction, decoded in batches of similar prompt lengths.
-
-    A lean batched greedy decoder over the packed weights (``packed`` from ``models.pack_model``): prompts are
-    left-padded to a common width, so every row writes its keys/values at the same cache index and only the
-    attention mask (keys before a row's padding end are hidden) differs per row. Positions are cache indices: RoPE
-    depends only on position differences, so this is the same maths as HF's per-row position ids (float32 output
-    equals HF greedy, tests/test_train_data.py). It reads the grouped K/V in place, where HF ``generate`` on CPU
-    copies them on every step, and runs about twice as fast here. In bf16 a row may part from HF's greedy text
-    where rounding differs; for training data that does not matter.
-    """
+    """Prompt + greedy answer token ids for every instruction, decoded in batches of similar prompt lengths by the
+    engine without drafting (``Engine.generate_batch``: each row at its own positions, grouped K/V read in place;
+    float32 output equals HF greedy, tests/test_train_data.py). In bf16 a row may part from HF's greedy text where
+    rounding differs; for training data that does not matter."""
     prompts = [chat_ids(tokenizer, text) for text in instructions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
+    decode = greedy_decoder(packed, max(len(p) for p in prompts) + max_new_tokens + 1)
     for start in tqdm(range(0, len(order), batch_size), desc="answers", disable=not progress):
         idx = order[start:start + batch_size]
-        answers = batched_greedy(packed, [prompts[i] for i in idx], max_new_tokens, eos_ids)
+        answers = decode([prompts[i] for i in idx], max_new_tokens, eos_ids)
         for i, answer in zip(idx, answers):
             out[i] = prompts[i] + answer
     return out  # type: ignore[return-value]
 
 
-def batched_greedy(packed, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
-    """Greedy continuations (up to and including the first EOS) of token-id prompts of any lengths, in one batch."""
-    from ..backend.torch_ref import TorchBackend as ops
+def greedy_decoder(packed, max_len: int):
+    """``decode(prompts, max_new_tokens, eos_ids)``: greedy continuations (up to and including the first EOS) of
+    token-id prompts of any lengths, in one batch, by one engine over ``packed`` and a cache of ``max_len``."""
+    from ..config import DecodeSettings
+    from ..engine import Engine
 
-    c = packed.config
-    bsz, width = len(prompts), max(len(p) for p in prompts)
-    total = width + max_new_tokens
-    device, dtype = packed.device, packed.dtype
-    ids = torch.zeros((bsz, width), dtype=torch.int64, device=device)
-    pad = torch.tensor([width - len(p) for p in prompts], device=device)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-    shape = (bsz, c.num_kv_heads, total, c.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(c.num_layers)]
-    cos, sin = packed.rope_cos[:total].to(dtype), packed.rope_sin[:total].to(dtype)
-    key_pos = torch.arange(total, device=device)
-    groups = c.num_heads // c.num_kv_heads
+    engine = Engine(packed, "torch", max_len)
 
-    def forward(x, first: int) -> torch.Tensor:
-        t = x.shape[1]
-        q_pos = torch.arange(first, first + t, device=device)
-        # [B, T, S]: a key is visible when it is not padding, not in the future, and inside the window; a padding
-        # query sees itself only, so no row of the softmax is empty (its output is never read)
-        keys = key_pos[None, None, :first + t]
-        visible = ((keys >= pad[:, None, None]) | (keys == q_pos[None, :, None])) & (keys <= q_pos[None, :, None])
-        for i, w in enumerate(packed.layers):
-            mask = visible
-            window = c.layer_windows[i]
-            if window is not None:
-                mask = mask & (keys > q_pos[None, :, None] - window)
-            k_cache, v_cache = caches[i]
-            qkv = ops.linear(ops.rms_norm(x, w.input_norm, c.rms_norm_eps), w.w_qkv, w.b_qkv)
-            q = ops.rope_cache_write(qkv, cos[first:first + t], sin[first:first + t], k_cache, v_cache, first,
-                                     c.num_heads, c.num_kv_heads)
-            # grouped attention without copying K/V: [B, Hkv, G*T, D] queries against [B, Hkv, S, D] keys
-            qg = q.reshape(bsz, c.num_kv_heads, groups * t, c.head_dim)
-            k, v = k_cache[:, :, :first + t], v_cache[:, :, :first + t]
-            scores = (qg @ k.transpose(-1, -2)).float() * c.head_dim ** -0.5
-            scores = scores.view(bsz, c.num_kv_heads, groups, t, -1).masked_fill(~mask[:, None, None], float("-inf"))
-            probs = scores.softmax(-1).to(dtype).view(bsz, c.num_kv_heads, groups * t, -1)
-            attn = (probs @ v).view(bsz, c.num_heads, t, c.head_dim).transpose(1, 2).reshape(bsz, t, -1)
-            x = x + ops.linear(attn, w.w_o)
-            x = x + ops.mlp(ops.rms_norm(x, w.post_norm, c.rms_norm_eps), w.w_gate_up, w.w_down)
-        return ops.verify_head(x[:, -1:], packed.final_norm, c.rms_norm_eps, packed.lm_head)[:, 0]
+    def decode(prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
+        settings = DecodeSettings(exit_layer=1, max_new_tokens=max_new_tokens)  # no drafting: no exit layer used
+        ids = [torch.tensor(p, dtype=torch.int64, device=packed.device) for p in prompts]
+        return [tokens for tokens, _ in engine.generate_batch(ids, settings, eos_ids, speculate=False)]
 
-    token = forward(ops.embed(ids, packed.embed), 0)
-    answers = [[] for _ in prompts]
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    eos = torch.tensor(sorted(eos_ids), device=device)
-    for step in range(max_new_tokens):
-        for row in (~done).nonzero()[:, 0].tolist():
-            answers[row].append(int(token[row]))
-        done |= torch.isin(token, eos)
-        if bool(done.all()) or step + 1 == max_new_tokens:
-            break
-        token = forward(ops.embed(token[:, None], packed.embed), width + step)
-    return answers
+    return decode
 
 
 def document_chunks(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:

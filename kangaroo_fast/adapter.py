@@ -196,10 +196,14 @@ class Adapter(nn.Module):
         if not config_file.is_file():
             raise FileNotFoundError(f"adapter directory {str(path)!r} has no config.json")
         try:
-            config = AdapterConfig.from_json(json.loads(config_file.read_text()))
+            data = json.loads(config_file.read_text())
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from None
+        try:
+            config = AdapterConfig.from_json(data)
             if model_config is not None:
                 config.check_matches(model_config)
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        except ValueError as err:
             raise ValueError(f"{str(config_file)!r}: {err}") from None
         if (path / "model.safetensors").is_file():
             weights_file = path / "model.safetensors"
@@ -250,9 +254,9 @@ def read_tensors(file: Path) -> dict:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except SafetensorError as err:
         raise ValueError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{str(file)!r} was refused: it holds more than tensors ({str(err).splitlines()[0]})") \
-            from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"{str(file)!r} was refused: it holds more than tensors, and loading it would run its "
+                         "code") from None
     except (RuntimeError, EOFError) as err:  # torch.load on a truncated or non-zip file
         raise ValueError(f"{str(file)!r} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") \
             from None

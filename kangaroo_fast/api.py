@@ -135,6 +135,8 @@ class KangarooModel:
         ``seed`` or ``generator`` (a ``torch.Generator`` on the model's device) makes sampling reproducible.
         ``callback(new_tokens)`` follows one prompt; with a list it is called as ``callback(index, new_tokens)``.
         """
+        if speculate and self.adapter is None:
+            raise ValueError("speculative decoding needs an adapter: pass adapter=..., or speculate=False")
         defaults = self.default_settings()
         settings = DecodeSettings(
             exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,

@@ -66,7 +66,7 @@ class KangarooModel:
         """The model's own EOS ids, or ``eos_token_id``: one id, a list of ids or an integer tensor of them."""
         if eos_token_id is None:
             ids = sorted(model_eos_ids(self.hf_model))
-        elif isinstance(eos_token_id, torch.Tensor) and not _is_float_tensor(eos_token_id):
+        elif isinstance(eos_token_id, torch.Tensor) and _is_integer_tensor(eos_token_id):
             ids = eos_token_id.reshape(-1).tolist()
         elif is_int(eos_token_id):
             ids = [eos_token_id]
@@ -95,7 +95,7 @@ class KangarooModel:
                 ids = self.tokenizer(prompt)["input_ids"]
             ids = torch.tensor([list(ids)], dtype=torch.int64)
         elif isinstance(prompt, torch.Tensor):
-            if _is_float_tensor(prompt):
+            if not _is_integer_tensor(prompt):
                 raise TypeError(f"input_ids must be an integer tensor, not {prompt.dtype}")
             ids = prompt.to(torch.int64)
             if ids.ndim == 1:
@@ -198,8 +198,9 @@ def _is_batch(prompt) -> bool:
         and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt)
 
 
-def _is_float_tensor(tensor: torch.Tensor) -> bool:
-    return tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool
+def _is_integer_tensor(tensor: torch.Tensor) -> bool:
+    """Whether the tensor can hold token ids: an integer dtype, not float, complex or bool."""
+    return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
 
 
 def _resolve_device(device) -> torch.device | None:

@@ -10,13 +10,15 @@ token ids the draft head scores (a pruned draft vocabulary; verification always 
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import DecodeSettings, ModelConfig, is_int, is_number
 
 WEIGHT_KEYS = (
     "layers.0.input_layernorm.weight",
@@ -58,19 +60,42 @@ class AdapterConfig:
                              "max_draft_steps": self.max_draft_steps, "lookup": self.lookup, **self.extra}}
 
     @classmethod
-    def from_json(cls, data: dict) -> "AdapterConfig":
+    def from_json(cls, data) -> "AdapterConfig":
+        """The config from config.json's parsed content; every value's type and range checked, the key named."""
+        if not isinstance(data, dict):
+            raise ValueError(f"adapter config.json must hold a JSON object, not {type(data).__name__}")
+        for key in ("hidden_size", "num_attention_heads", "vocab_size"):
+            if key not in data:
+                raise ValueError(f"adapter config.json lacks the key {key!r}")
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
+            value = data.get(key)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ValueError(f"adapter config.json: {key}={value!r} must be a positive integer")
+        eps = data.get("rms_norm_eps", 1e-6)
+        if not is_number(eps) or not 0 < eps < 1:
+            raise ValueError(f"adapter config.json: rms_norm_eps={eps!r} must be a number in (0, 1)")
+        settings = data.get("kangaroo", {})
+        if not isinstance(settings, dict):
+            raise ValueError(f"adapter config.json: 'kangaroo' must be a JSON object, not {type(settings).__name__}")
+        settings = dict(settings)
+        known = {k: settings.pop(k) for k in ("exit_layer", "threshold", "max_draft_steps", "lookup") if k in settings}
+        heads = data["num_attention_heads"]
+        config = cls(hidden_size=data["hidden_size"], num_attention_heads=heads,
+                     num_key_value_heads=data.get("num_key_value_heads") or heads,
+                     head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+                     vocab_size=data["vocab_size"], rms_norm_eps=eps, extra=settings, **known)
+        config.check_settings()
+        return config
+
+    def check_settings(self, num_layers: int | None = None, max_cache_len: int | None = None) -> None:
+        """The kangaroo settings (exit layer, threshold, draft steps, lookup) as ``generate`` checks them; the
+        exit layer against ``num_layers`` and the draft steps against ``max_cache_len`` where given."""
+        settings = DecodeSettings(exit_layer=self.exit_layer, threshold=self.threshold,
+                                  max_draft_steps=self.max_draft_steps, lookup=self.lookup)
         try:
-            heads = data["num_attention_heads"]
-            settings = dict(data.get("kangaroo", {}))
-            known = {k: settings.pop(k) for k in ("exit_layer", "threshold", "max_draft_steps", "lookup")
-                     if k in settings}
-            return cls(hidden_size=data["hidden_size"], num_attention_heads=heads,
-                       num_key_value_heads=data.get("num_key_value_heads") or heads,
-                       head_dim=data.get("head_dim") or data["hidden_size"] // heads,
-                       vocab_size=data["vocab_size"], rms_norm_eps=data.get("rms_norm_eps", 1e-6),
-                       extra=settings, **known)
-        except KeyError as err:
-            raise ValueError(f"adapter config.json lacks the key {err.args[0]!r}") from None
+            settings.validate(num_layers, max_cache_len=max_cache_len)
+        except ValueError as err:
+            raise ValueError(f"adapter setting {err}") from None
 
     def check_matches(self, config: ModelConfig) -> None:
         """Raise a clear error when this adapter was made for another base model."""
@@ -113,11 +138,7 @@ class Adapter(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
         self.norm = nn.Parameter(torch.ones(h))
         if draft_vocab is not None:
-            draft_vocab = torch.as_tensor(draft_vocab, dtype=torch.int64)
-            if draft_vocab.ndim != 1 or draft_vocab.numel() == 0:
-                raise ValueError("draft_vocab must be a non-empty 1-D tensor of token ids")
-            if int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= config.vocab_size:
-                raise ValueError(f"draft_vocab holds ids outside 0..{config.vocab_size - 1}")
+            draft_vocab = _checked_draft_vocab(torch.as_tensor(draft_vocab), config.vocab_size)
         self.register_buffer("draft_vocab", draft_vocab, persistent=False)
 
     # ---- the maths -------------------------------------------------------------------------------------------
@@ -149,52 +170,140 @@ class Adapter(nn.Module):
         return dict(zip(WEIGHT_KEYS, (self.input_norm, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
                                       self.o_proj.weight, self.norm)))
 
-    def save(self, path: str | Path) -> Path:
-        """Write config.json, model.safetensors and (with a draft vocabulary) draft_vocab.safetensors."""
+    def save(self, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        """Write config.json, model.safetensors, (with a draft vocabulary) draft_vocab.safetensors and
+        ``extra_files`` (file name -> text) as the directory ``path``, replacing what was there.
+
+        Everything is written into a sibling folder first, which then takes the place of ``path``: an interrupted
+        save leaves the previous adapter whole (at ``path``, or between the two renames at ``.NAME.old``)."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.official_state_dict().items()}
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        if self.draft_vocab is not None:
-            save_file({"draft_vocab": self.draft_vocab.cpu().contiguous()}, str(path / "draft_vocab.safetensors"))
-        (path / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        partial = path.with_name(f".{path.name}.partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.official_state_dict().items()}
+            save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+            if self.draft_vocab is not None:
+                save_file({"draft_vocab": self.draft_vocab.cpu().contiguous()},
+                          str(partial / "draft_vocab.safetensors"))
+            (partial / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+            for name, text in (extra_files or {}).items():
+                (partial / name).write_text(text)
+            _replace_directory(partial, path)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial)
         return path
 
     @classmethod
     def load(cls, path: str | Path, model_config: ModelConfig | None = None) -> "Adapter":
         """Load an official-format adapter directory; with ``model_config``, check it fits that base model."""
         path = Path(path)
-        if not (path / "config.json").is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise FileNotFoundError(f"adapter directory {str(path)!r} has no config.json")
-        config = AdapterConfig.from_json(json.loads((path / "config.json").read_text()))
-        if model_config is not None:
-            config.check_matches(model_config)
+        try:
+            data = json.loads(config_file.read_text())
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from None
+        try:
+            config = AdapterConfig.from_json(data)
+            if model_config is not None:
+                config.check_matches(model_config)
+        except ValueError as err:
+            raise ValueError(f"{str(config_file)!r}: {err}") from None
         if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-            state = load_file(str(path / "model.safetensors"))
+            weights_file = path / "model.safetensors"
         elif (path / "pytorch_model.bin").is_file():
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            weights_file = path / "pytorch_model.bin"
         else:
             raise FileNotFoundError(f"adapter directory {str(path)!r} has neither model.safetensors "
                                     "nor pytorch_model.bin")
+        state = read_tensors(weights_file)
         missing = [k for k in WEIGHT_KEYS if k not in state]
         if missing:
             raise ValueError(f"adapter checkpoint {str(path)!r} lacks {', '.join(missing)}")
         draft_vocab = None
-        if (path / "draft_vocab.safetensors").is_file():
-            from safetensors.torch import load_file
-            vocab_file = load_file(str(path / "draft_vocab.safetensors"))
-            if "draft_vocab" not in vocab_file:
-                raise ValueError(f"{str(path / 'draft_vocab.safetensors')!r} lacks the tensor 'draft_vocab'")
-            draft_vocab = vocab_file["draft_vocab"]
-        adapter = cls(config, draft_vocab)
+        vocab_file = path / "draft_vocab.safetensors"
+        if vocab_file.is_file():
+            vocab_tensors = read_tensors(vocab_file)
+            if "draft_vocab" not in vocab_tensors:
+                raise ValueError(f"{str(vocab_file)!r} lacks the tensor 'draft_vocab'")
+            draft_vocab = vocab_tensors["draft_vocab"]
+        try:
+            adapter = cls(config, draft_vocab)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{str(vocab_file)!r}: {err}") from None
         with torch.no_grad():
             for key, param in adapter.official_state_dict().items():
-                if tuple(state[key].shape) != tuple(param.shape):
-                    raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, "
+                tensor = state[key]
+                if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
+                    raise ValueError(f"{str(weights_file)!r}: {key} must be a floating-point tensor")
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(f"adapter tensor {key} has shape {tuple(tensor.shape)}, "
                                      f"the config implies {tuple(param.shape)}")
-                param.copy_(state[key])
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{str(weights_file)!r}: {key} holds NaN or infinite values")
+                param.copy_(tensor)
         return adapter
+
+
+def read_tensors(file: Path) -> dict:
+    """The tensors of a safetensors file, or of a PyTorch pickle read with ``weights_only`` (nothing in it runs);
+    a truncated, corrupt or refused file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if file.suffix == ".safetensors":
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except SafetensorError as err:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"{str(file)!r} was refused: it holds more than tensors, and loading it would run its "
+                         "code") from None
+    except (RuntimeError, EOFError) as err:  # torch.load on a truncated or non-zip file
+        raise ValueError(f"{str(file)!r} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") \
+            from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(file)!r} must hold a dict of named tensors, not {type(state).__name__}")
+    return state
+
+
+def _checked_draft_vocab(draft_vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``draft_vocab`` as int64 after checking it is a 1-D set of distinct integer ids in 0..vocab_size-1."""
+    if draft_vocab.ndim != 1 or draft_vocab.numel() == 0:
+        raise ValueError("draft_vocab must be a non-empty 1-D tensor of token ids")
+    if draft_vocab.dtype.is_floating_point or draft_vocab.dtype.is_complex or draft_vocab.dtype == torch.bool:
+        raise TypeError(f"draft_vocab must hold integer token ids, not {draft_vocab.dtype}")
+    draft_vocab = draft_vocab.to(torch.int64)
+    if int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= vocab_size:
+        raise ValueError(f"draft_vocab holds ids outside 0..{vocab_size - 1}")
+    ordered = draft_vocab.sort().values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.numel():
+        raise ValueError(f"draft_vocab holds the id {int(repeated[0])} more than once")
+    return draft_vocab
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and removed only afterwards."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
+    shutil.rmtree(old)
 

@@ -9,7 +9,7 @@ import torch
 
 from .adapter import Adapter
 from .backend import resolve_backend
-from .config import DecodeSettings
+from .config import DecodeSettings, is_int
 from .drafting import make_drafter
 from .engine import Engine, GenerationStats
 from .models import load_hf, model_eos_ids, pack_model
@@ -41,6 +41,7 @@ class KangarooModel:
             raise ValueError(f"max_cache_len={max_cache_len} must lie in 2..{limit} (the model's positions)")
         if adapter is not None:
             adapter.config.check_matches(self.config)
+            adapter.config.check_settings(self.config.num_layers, max_cache_len)
             adapter = adapter.to(self.packed.device).eval()
         self.adapter = adapter
         self.engine = Engine(self.packed, resolve_backend(backend, self.packed.device), max_cache_len, adapter,
@@ -63,12 +64,20 @@ class KangarooModel:
                 "lookup": c.lookup}
 
     def eos_ids(self, eos_token_id=None) -> set[int]:
+        """The model's own EOS ids, or ``eos_token_id``: one id, a list of ids or an integer tensor of them."""
         if eos_token_id is None:
             ids = sorted(model_eos_ids(self.hf_model))
+        elif isinstance(eos_token_id, torch.Tensor) and _is_integer_tensor(eos_token_id):
+            ids = eos_token_id.reshape(-1).tolist()
+        elif is_int(eos_token_id):
+            ids = [eos_token_id]
+        elif isinstance(eos_token_id, (list, tuple, set)):
+            ids = list(eos_token_id)
         else:
-            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            raise TypeError(f"eos_token_id={eos_token_id!r} must be a token id, a list of token ids or an integer "
+                            "tensor")
         for i in ids:
-            if not isinstance(i, int) or not 0 <= i < self.config.vocab_size:
+            if not is_int(i) or not 0 <= i < self.config.vocab_size:
                 raise ValueError(f"eos_token_id={i!r} is not a token id in 0..{self.config.vocab_size - 1}")
         return set(ids)
 
@@ -87,17 +96,22 @@ class KangarooModel:
                 ids = self.tokenizer(prompt)["input_ids"]
             ids = torch.tensor([list(ids)], dtype=torch.int64)
         elif isinstance(prompt, torch.Tensor):
-            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            if not _is_integer_tensor(prompt):
                 raise TypeError(f"input_ids must be an integer tensor, not {prompt.dtype}")
             ids = prompt.to(torch.int64)
             if ids.ndim == 1:
                 ids = ids[None]
             if ids.ndim != 2 or ids.shape[0] != 1:
                 raise ValueError(f"input_ids must be [n] or [1, n], got shape {tuple(prompt.shape)}")
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            for index, token in enumerate(prompt):
+                if not is_int(token):
+                    raise TypeError(f"prompt must be a string, a list of token ids or a tensor: item {index} is "
+                                    f"{type(token).__name__} {token!r}, not a token id")
             ids = torch.tensor([list(prompt)], dtype=torch.int64)
         else:
-            raise TypeError(f"prompt must be a string, a list of token ids or a tensor, not {type(prompt).__name__}")
+            raise TypeError(f"prompt must be a string, a list of token ids or a tensor, not {type(prompt).__name__}"
+                            + (" (decode bytes to a string first)" if isinstance(prompt, (bytes, bytearray)) else ""))
         if ids.numel() == 0:
             raise ValueError("prompt is empty")
         bad = (ids < 0) | (ids >= self.config.vocab_size)
@@ -125,19 +139,18 @@ class KangarooModel:
         when ``lookup`` > 0), "lookup" (the context lookup alone, n = ``lookup`` or 3; needs no adapter), or any
         object with the ``Drafter`` interface.
         """
+        if speculate and self.adapter is None and isinstance(drafter, str) and drafter == "kangaroo":
+            raise ValueError("speculative decoding needs an adapter: pass adapter=..., drafter='lookup' (no adapter "
+                             "needed), or speculate=False")
         defaults = self.default_settings()
         settings = DecodeSettings(
             exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,
             threshold=defaults["threshold"] if threshold is None else threshold,
             max_draft_steps=defaults["max_draft_steps"] if max_draft_steps is None else max_draft_steps,
             lookup=defaults["lookup"] if lookup is None else lookup, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p).validate(self.config.num_layers)
-        if seed is not None and generator is not None:
-            raise ValueError("pass seed= or generator=, not both")
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise ValueError(f"seed={seed!r} must be an integer")
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            temperature=temperature, top_k=top_k, top_p=top_p).validate(self.config.num_layers, speculate,
+                                                                        self.engine.max_len)
+        generator = self._generator(seed, generator)
         eos = self.eos_ids(eos_token_id)
         drafter = make_drafter(drafter, settings.lookup, self.adapter is not None) if speculate else None
         if _is_batch(prompt):
@@ -164,6 +177,22 @@ class KangarooModel:
             streamer.end()
         return self._output(tokens, stats)
 
+    def _generator(self, seed, generator) -> torch.Generator | None:
+        """The sampling generator: ``generator`` as given, or a new one seeded with ``seed``, on the model's device."""
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        if seed is not None:
+            if not is_int(seed) or not 0 <= seed < 2 ** 64:
+                raise ValueError(f"seed={seed!r} must be an integer in 0..2**64-1")
+            return torch.Generator(device=self.device).manual_seed(seed)
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator={generator!r} must be a torch.Generator")
+            if generator.device.type != self.device.type:
+                raise ValueError(f"generator= is on {generator.device}, the model on {self.device}: "
+                                 f"make it with torch.Generator(device={str(self.device)!r})")
+        return generator
+
     def _output(self, tokens: list[int], stats: GenerationStats) -> GenerateOutput:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerateOutput(tokens=tokens, text=text, stats=stats)
@@ -171,7 +200,28 @@ class KangarooModel:
 
 def _is_batch(prompt) -> bool:
     """A list or tuple of prompts (strings, id lists, tensors), as opposed to one list of token ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not all(isinstance(t, int) for t in prompt)
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 \
+        and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt)
+
+
+def _is_integer_tensor(tensor: torch.Tensor) -> bool:
+    """Whether the tensor can hold token ids: an integer dtype, not float, complex or bool."""
+    return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
+
+
+def _resolve_device(device) -> torch.device | None:
+    """None, or ``device`` as a torch.device on which kangaroo_fast can run: the CPU or an available GPU."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(resolved)!r} is not supported: kangaroo_fast runs on 'cpu' or 'cuda'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(resolved)!r} was asked for but CUDA is not available")
+    return resolved
 
 
 _DEFAULT: dict = {}
@@ -189,11 +239,7 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     graphs: greedy decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA, False
     turns them off, True insists on them (see ``Engine``).
     """
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available")
-    hf_model, tokenizer = load_hf(model, dtype, device)
+    hf_model, tokenizer = load_hf(model, dtype, _resolve_device(device))
     if adapter is None and model is None:
         adapter = DEFAULT_ADAPTER_DIR if (DEFAULT_ADAPTER_DIR / "config.json").exists() else None
     if isinstance(adapter, (str, Path)):
@@ -218,6 +264,8 @@ def generate(prompt, model: KangarooModel | None = None, adapter=None,
         if key not in _DEFAULT:  # the embedded model, loaded once per adapter asked for
             _DEFAULT[key] = load(adapter=adapter)
         model = _DEFAULT[key]
+    elif not isinstance(model, KangarooModel):
+        raise TypeError(f"model={model!r} must be a KangarooModel: load it first with kangaroo_fast.load(...)")
     elif adapter is not None:
         raise ValueError("pass adapter= to kangaroo_fast.load(), not with an already loaded model")
     return model.generate(prompt, **kwargs)

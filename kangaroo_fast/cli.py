@@ -47,6 +47,7 @@ def cmd_train(args) -> int:
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     for key in ("exit_layer", "epochs", "n_instructions"):
         value = getattr(args, key)
+        _check_positive(key, value)
         if value is not None:
             setattr(recipe, key, value)
     if args.exit_layer is not None:
@@ -164,10 +165,26 @@ def cmd_tune(args) -> int:
     return 0
 
 
+#: Errors a user's input causes (arguments, files): one line and exit code 2. Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, TypeError, OSError)
+DTYPE_HELP = "weights and activations dtype (default: bfloat16 where the device computes it natively, else float32)"
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cpu)"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: ...)`` to every optional flag whose help does not say its default itself."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.required or action.default is argparse.SUPPRESS:
+            return text
+        return text + (" (default: off)" if action.nargs == 0 and action.default is False else " (default: %(default)s)")
+
+
 def _add_model_args(parser) -> None:
     parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
 def _add_prompt_args(parser, default_output: str) -> None:
@@ -175,33 +192,43 @@ def _add_prompt_args(parser, default_output: str) -> None:
 
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt set (id, category, turns)")
     parser.add_argument("--questions", type=Path, default=None,
-                        help="a Spec-Bench question.jsonl (first turn of each) instead of --prompts")
-    parser.add_argument("--per-category", type=int, default=None, help="at most this many prompts per category")
-    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
+                        help="a Spec-Bench question.jsonl (first turn of each) instead of --prompts "
+                             "(default: none, --prompts is used)")
+    parser.add_argument("--per-category", type=int, default=None,
+                        help="at most this many prompts per category (default: all)")
+    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="folder the results are written to")
     parser.add_argument("--name", default=None, help=f"file stem of the results (default: {default_output})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kangaroo-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kangaroo-fast", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text (streams it) and print the statistics")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="generate text (streams it) and print the statistics",
+                         formatter_class=HelpFormatter)
+    gen.add_argument("prompt", help="the user message (sent through the model's chat template)")
     gen.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    gen.add_argument("--adapter", default=None, help="adapter directory (official Kangaroo format)")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--exit-layer", type=int, default=None)
-    gen.add_argument("--threshold", type=float, default=None)
-    gen.add_argument("--max-draft-steps", type=int, default=None)
+    gen.add_argument("--adapter", default=None,
+                     help="adapter directory, official Kangaroo format (default: the shipped one for the embedded "
+                          "model, none otherwise)")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
+    gen.add_argument("--exit-layer", type=int, default=None,
+                     help="layers the adapter reads from, 1..L-1 (default: the adapter's setting)")
+    gen.add_argument("--threshold", type=float, default=None,
+                     help="stop drafting below this draft confidence, in [0, 1] (default: the adapter's setting)")
+    gen.add_argument("--max-draft-steps", type=int, default=None,
+                     help="most drafts per round, up to the cache length - 2 (default: the adapter's setting)")
     gen.add_argument("--lookup", type=int, default=None,
                      help="context lookup: longest n-gram copied from the context as a draft (0: off; "
                           "default: the adapter's setting)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample (lossless)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (default): greedy; >= 1e-4: sample (lossless)")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    gen.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
-    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--device", default=None)
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the sampling generator, 0..2**64-1 (default: none, not reproducible)")
+    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    gen.add_argument("--device", default=None, help=DEVICE_HELP)
     gen.add_argument("--drafter", default="kangaroo", choices=["kangaroo", "lookup"],
                      help="what drafts: the adapter (after the context lookup when --lookup > 0), or the context "
                           "lookup alone, which needs no adapter (default: kangaroo)")
@@ -209,52 +236,68 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(func=cmd_generate)
 
-    train = sub.add_parser("train", help="distil an adapter (see kangaroo_fast/train/default_recipe.json)")
+    train = sub.add_parser("train", help="distil an adapter (see kangaroo_fast/train/default_recipe.json)",
+                           formatter_class=HelpFormatter)
     train.add_argument("--recipe", default=None, help="recipe JSON (default: built-in defaults)")
-    train.add_argument("--output", required=True, help="directory to write the adapter to")
+    train.add_argument("--output", required=True, help="directory to write the adapter to (required)")
     train.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    train.add_argument("--work-dir", default=None, help="cache for corpus and checkpoints")
-    train.add_argument("--exit-layer", type=int, default=None)
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--n-instructions", type=int, default=None)
-    train.add_argument("--no-resume", action="store_true")
+    train.add_argument("--work-dir", default=None,
+                       help="cache for corpus and checkpoints, each rebuilt when the recipe or model that made it "
+                            "changed (default: ~/.cache/kangaroo_fast/train/default)")
+    train.add_argument("--exit-layer", type=int, default=None,
+                       help="train only an adapter for this exit layer (default: the recipe's)")
+    train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    train.add_argument("--n-instructions", type=int, default=None,
+                       help="instructions the base model answers for the corpus (default: the recipe's)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="train from scratch even where a checkpoint of the same recipe exists")
     train.set_defaults(func=cmd_train)
 
     from .benchmark import METHODS
 
-    bench = sub.add_parser("bench", help="end-to-end comparison with HF generate and its speculative methods")
+    bench = sub.add_parser("bench", help="end-to-end comparison with HF generate and its speculative methods",
+                           formatter_class=HelpFormatter)
     _add_model_args(bench)
-    bench.add_argument("--adapter", default=None, help="adapter directory (official Kangaroo format)")
+    bench.add_argument("--adapter", default=None,
+                       help="adapter directory, official Kangaroo format (default: the shipped one)")
     _add_prompt_args(bench, "bench[-quick]-DEVICE")
     bench.add_argument("--quick", action="store_true",
                        help=f"{QUICK['per_category']} prompt per category, first turn, "
                             f"{QUICK['max_new_tokens']} new tokens (unless given)")
     bench.add_argument("--first-turn", action="store_true", help="only the first turn of multi-turn prompts")
-    bench.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (quick: 64)")
+    bench.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default: 128; quick: 64)")
     bench.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {' '.join(METHODS)}")
-    bench.add_argument("--exit-layer", type=int, default=None)
-    bench.add_argument("--threshold", type=float, default=None)
-    bench.add_argument("--max-draft-steps", type=int, default=None)
+    bench.add_argument("--exit-layer", type=int, default=None,
+                       help="layers the adapter reads from (default: the adapter's setting)")
+    bench.add_argument("--threshold", type=float, default=None,
+                       help="draft confidence threshold (default: the adapter's setting)")
+    bench.add_argument("--max-draft-steps", type=int, default=None,
+                       help="most drafts per round (default: the adapter's setting)")
     bench.add_argument("--lookup", type=int, default=None,
                        help="Kangaroo's context lookup n-gram (0: off; default: the adapter's setting)")
-    bench.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    bench.add_argument("--prompt-lookup-tokens", type=int, default=10,
+                       help="HF prompt lookup decoding's prompt_lookup_num_tokens")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                       help="also decode the first turns in batches of these sizes (vanilla and Kangaroo)")
+                       help="also decode the first turns in batches of these sizes, vanilla and Kangaroo "
+                            "(default: no batches)")
     bench.set_defaults(func=cmd_bench)
 
-    tune = sub.add_parser("tune", help="speedup over a grid of thresholds, draft steps and adapters")
+    tune = sub.add_parser("tune", help="speedup over a grid of thresholds, draft steps and adapters",
+                          formatter_class=HelpFormatter)
     _add_model_args(tune)
     tune.add_argument("--adapters", nargs="+", default=None, help="adapter directories (default: the shipped one)")
     _add_prompt_args(tune, "tune-DEVICE")
     tune.add_argument("--held-out", type=int, default=None,
-                      help="tune on this many held-out training instructions instead of a prompt set")
+                      help="tune on this many held-out training instructions instead of a prompt set "
+                           "(default: the prompt set)")
     tune.add_argument("--skip", type=int, default=None,
                       help="training instructions the adapter saw (seed 0; default: the default recipe's count)")
-    tune.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.45, 0.6, 0.75])
-    tune.add_argument("--steps", nargs="+", type=int, default=[4, 6])
+    tune.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.45, 0.6, 0.75],
+                      help="draft confidence thresholds to try")
+    tune.add_argument("--steps", nargs="+", type=int, default=[4, 6], help="max draft steps to try")
     tune.add_argument("--lookups", nargs="+", type=int, default=[0],
                       help="context lookup n-gram sizes to try (0: off)")
-    tune.add_argument("--max-new-tokens", type=int, default=96)
+    tune.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt")
     tune.set_defaults(func=cmd_tune)
     return parser
 
@@ -264,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"kangaroo-fast: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"kangaroo-fast: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: The smallest sampling temperature: logits / T must stay finite in float32 (|logits| < 3e34 at T = 1e-4).
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "dynamic":
             raise ValueError("rope_type 'dynamic' changes frequencies with the sequence length; it is not supported")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings"):
+            value = getattr(hf_config, name, None)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"model config {name}={value!r} must be a positive integer")
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         window = getattr(hf_config, "sliding_window", None)
@@ -89,23 +96,41 @@ class DecodeSettings:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def validate(self, num_layers: int) -> "DecodeSettings":
-        if not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers - 1:
-            raise ValueError(f"exit_layer={self.exit_layer!r} must be an integer in 1..{num_layers - 1}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not 0.0 <= self.threshold <= 1.0:
+    def validate(self, num_layers: int | None, speculate: bool = True,
+                 max_cache_len: int | None = None) -> "DecodeSettings":
+        """Raise ValueError naming the first bad value. ``exit_layer`` is checked only when ``speculate`` (without
+        drafting it plays no part), against 1..num_layers-1 (only >= 1 where ``num_layers`` is None);
+        ``max_draft_steps`` is bounded by ``max_cache_len - 2`` where that is given."""
+        if speculate:
+            most_layers = float("inf") if num_layers is None else num_layers - 1
+            if not is_int(self.exit_layer) or not 1 <= self.exit_layer <= most_layers:
+                span = ">= 1" if num_layers is None else f"in 1..{num_layers - 1}"
+                raise ValueError(f"exit_layer={self.exit_layer!r} must be an integer {span}")
+        if not is_number(self.threshold) or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r} must lie in [0, 1]")
-        if not isinstance(self.max_draft_steps, int) or self.max_draft_steps < 1:
-            raise ValueError(f"max_draft_steps={self.max_draft_steps!r} must be an integer >= 1")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        most_steps = float("inf") if max_cache_len is None else max_cache_len - 2
+        if not is_int(self.max_draft_steps) or not 1 <= self.max_draft_steps <= most_steps:
+            bound = "" if max_cache_len is None else f" and <= {most_steps} (the cache length {max_cache_len} - 2)"
+            raise ValueError(f"max_draft_steps={self.max_draft_steps!r} must be an integer >= 1{bound}")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
-        if isinstance(self.lookup, bool) or not isinstance(self.lookup, int) or self.lookup < 0:
+        if not is_int(self.lookup) or self.lookup < 0:
             raise ValueError(f"lookup={self.lookup!r} must be an integer >= 0 (0 turns the context lookup off)")
         t, k, p = self.temperature, self.top_k, self.top_p
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < float("inf"):
-            raise ValueError(f"temperature={t!r} must be a finite number >= 0 (0 means greedy)")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if not is_number(t) or not (t == 0 or MIN_TEMPERATURE <= t < float("inf")):
+            raise ValueError(f"temperature={t!r} must be a finite number >= 0: 0 (greedy) or at least "
+                             f"{MIN_TEMPERATURE} (smaller ones overflow the scaled logits)")
+        if not is_int(k) or k < 0:
             raise ValueError(f"top_k={k!r} must be an integer >= 0 (0 disables top-k)")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        if not is_number(p) or not 0.0 < p <= 1.0:
             raise ValueError(f"top_p={p!r} must lie in (0, 1] (1 disables top-p)")
         return self
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count or a layer here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

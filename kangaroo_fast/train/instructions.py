@@ -3,10 +3,10 @@ and English documentation text taken from the Python standard library's docstrin
 
 The instructions come from templates x topics x task types, with a good share of the benchmark's categories
 (conversation, translation, summarization, QA, math, retrieval-style questions), but none of them repeats a
-benchmark prompt: anything equal to a turn of ``kangaroo_fast/data/prompts.jsonl``, or sharing any 8-word window
-with one, is dropped. The word lists and templates live in ``instructions.json`` beside this file; the code that
-combines them (and the randomised math, reasoning, summary and retrieval items) lives here. Everything is
-deterministic for a given seed and uses only the standard library.
+benchmark prompt: anything equal to a turn of ``kangaroo_fast/data/prompts.jsonl`` (either split, tune or report),
+or sharing any 8-word window with one, is dropped. The word lists and templates live in ``instructions.json``
+beside this file; the code that combines them (and the randomised math, reasoning, summary and retrieval items)
+lives here. Everything is deterministic for a given seed and uses only the standard library.
 """
 from __future__ import annotations
 

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    from .benchmark import METHODS
+    from .benchmark import METHODS, PEER_METHODS, default_methods
 
     bench = sub.add_parser("bench", help="end-to-end comparison with HF generate and its speculative methods")
     _add_model_args(bench)
@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{QUICK['max_new_tokens']} new tokens (unless given)")
     bench.add_argument("--first-turn", action="store_true", help="only the first turn of multi-turn prompts")
     bench.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (quick: 64)")
-    bench.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {' '.join(METHODS)}")
+    bench.add_argument("--methods", nargs="+", default=default_methods(),
+                       help=f"any of {' '.join(METHODS + PEER_METHODS)} (default: all; the vLLM ones where vLLM "
+                            "is installed)")
     bench.add_argument("--exit-layer", type=int, default=None)
     bench.add_argument("--threshold", type=float, default=None)
     bench.add_argument("--max-draft-steps", type=int, default=None)

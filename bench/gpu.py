@@ -165,18 +165,18 @@ def time_steps(rows: list[dict], dtype: torch.dtype, context: int, peak_gbs: flo
         states = torch.randn(1, t, engine.cfg.hidden_size, device=device).to(dtype)
         drafts = torch.full((1, t - 1), 11, dtype=torch.int64, device=device)
 
-        def draft():  # one draft step: the shallow layers and the adapter on one token, then the draft head
+        def draft(steps=steps):  # one draft step: the shallow layers and the adapter on one token, then the head
             _h, out = steps.shallow(token, [context], l, True)
             return steps.head(out[:, -1])
 
-        run = {"draft": draft, "verify": lambda: steps.verify(states, drafts, [context], l)}
+        run = {"draft": draft, "verify": lambda steps=steps: steps.verify(states, drafts, [context], l)}
         for row in rows:
             if row["model"] == model:
                 ms = do_bench(run[row["step"]])
                 floor_ms = row["bytes_floor"] / peak_gbs / 1e6
                 row.update(graph_ms=ms, floor_ms=floor_ms, ratio_to_floor=ms / floor_ms,
                            gbs=row["bytes_floor"] / ms / 1e6)
-        del engine, steps
+        del engine, steps, run, draft
         torch.cuda.empty_cache()
 
 

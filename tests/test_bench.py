@@ -482,3 +482,14 @@ def test_microbenchmarks_run_against_the_current_engine(tmp_path):
                              "--micro-output", str(tmp_path / "micro")],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_step_breakdown_splits_a_step_into_products_attention_and_the_rest():
+    """bench/step_breakdown.py runs against the current engine (the embedded model, float32, a few repeats)."""
+    spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "bench" / "step_breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = module.breakdown(context=9, repeats=2, dtype="float32")
+    assert set(times) == {"step", "products", "attention", "rest"}
+    assert all(times[name] > 0 for name in ("step", "products", "attention"))
+    assert times["rest"] == pytest.approx(times["step"] - times["products"] - times["attention"])

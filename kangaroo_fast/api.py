@@ -10,7 +10,7 @@ import torch
 from .adapter import Adapter
 from .backend import resolve_backend
 from .config import DecodeSettings, is_int
-from .drafting import make_drafter
+from .drafting import make_drafter, require_adapter
 from .engine import Engine, GenerationStats
 from .models import load_hf, model_eos_ids, pack_model
 
@@ -139,9 +139,8 @@ class KangarooModel:
         when ``lookup`` > 0), "lookup" (the context lookup alone, n = ``lookup`` or 3; needs no adapter), or any
         object with the ``Drafter`` interface.
         """
-        if speculate and self.adapter is None and isinstance(drafter, str) and drafter == "kangaroo":
-            raise ValueError("speculative decoding needs an adapter: pass adapter=..., drafter='lookup' (no adapter "
-                             "needed), or speculate=False")
+        if speculate:
+            require_adapter(drafter, self.adapter is not None)
         defaults = self.default_settings()
         settings = DecodeSettings(
             exit_layer=defaults["exit_layer"] if exit_layer is None else exit_layer,

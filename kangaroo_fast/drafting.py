@@ -157,7 +157,13 @@ def make_drafter(kind, lookup: int, has_adapter: bool) -> Drafter:
         return ContextLookup(lookup or 3)
     if kind != "kangaroo":
         raise ValueError(f"drafter={kind!r} must be one of {', '.join(DRAFTERS)} or a drafter object")
-    if not has_adapter:
+    require_adapter(kind, has_adapter)
+    return FirstOf(ContextLookup(lookup), AdapterDrafter()) if lookup else AdapterDrafter()
+
+
+def require_adapter(kind, has_adapter: bool) -> None:
+    """Refuse the adapter's drafting ("kangaroo") for a model without an adapter, naming the ways out; callers
+    check this before any other setting, as the first thing a user without an adapter needs to hear."""
+    if isinstance(kind, str) and kind == "kangaroo" and not has_adapter:
         raise ValueError("speculative decoding needs an adapter: pass adapter=..., drafter='lookup' (no adapter "
                          "needed), or speculate=False")
-    return FirstOf(ContextLookup(lookup), AdapterDrafter()) if lookup else AdapterDrafter()

@@ -120,11 +120,13 @@ class DecodeSteps:
         return (e._layers(states, position, first, e.cfg.num_layers),)
 
     # ---- calls -----------------------------------------------------------------------------------------------
-    def _run(self, key: tuple, fn, inputs: dict[str, torch.Tensor], pos: list[int]):
-        """``fn`` on ``inputs`` at per-sequence start positions ``pos``: directly ("plain"), or replayed."""
+    def _run(self, key: tuple, fn, inputs: dict[str, torch.Tensor], pos: list[int] | None):
+        """``fn`` on ``inputs`` at per-sequence start positions ``pos`` (None: a step without positions): directly
+        ("plain"), or replayed."""
         if self.mode == "plain":
-            return fn(**inputs, position=self.engine._starts(pos))
-        inputs["position"] = torch.tensor(pos, dtype=torch.int64, device=self.engine.w.device)
+            return fn(**inputs, **({} if pos is None else {"position": self.engine._starts(pos)}))
+        if pos is not None:
+            inputs["position"] = torch.tensor(pos, dtype=torch.int64, device=self.engine.w.device)
         if key not in self.graphs:
             # warm-up and capture run the step for real: on the first inputs, so the cache slots they write are
             # the ones the replay below writes again with the same values
@@ -139,12 +141,7 @@ class DecodeSteps:
 
     def head(self, newest: torch.Tensor):
         """The draft head on the adapter outputs [B, H] -> (token [B], probability [B]); needs no positions."""
-        if self.mode == "plain":
-            return self._head(newest)
-        key = ("head", newest.shape[0])
-        if key not in self.graphs:
-            self.graphs[key] = StepGraph(self._head, {"newest": newest.clone()}, self.pool, capture=self.capture)
-        return self.graphs[key](newest=newest)
+        return self._run(("head", newest.shape[0]), self._head, {"newest": newest}, None)
 
     def verify(self, states: torch.Tensor, drafts: torch.Tensor, pos: list[int], first: int):
         """Layers first..L-1 and the verification head -> (targets [B, T], accepted [B], bonus [B])."""

@@ -42,6 +42,10 @@ from .graphs import DecodeSteps
 from .models import PackedModel
 from .sampling import sample, speculative_accept, target_probs
 
+# Pads a row's drafts up to the round's widest in greedy verification, where acceptance compares drafts with the
+# targets: no target equals it, so a row's acceptance ends with its own drafts (0, a token id, once let a row without
+# drafts accept the padding when its target was token 0).
+NO_TOKEN = -1
 
 @dataclass
 class GenerationStats:
@@ -308,10 +312,11 @@ class Engine:
             states = self.ops.embed(torch.tensor(rnd.last, device=self.w.device)[:, None], self.w.embed)
         else:
             states = self.shallow_states[:n, :k + 1]
-        drafts = self._padded(rnd.tokens, k)
-        if settings.greedy:
+        if settings.greedy:  # accepted: the drafts matching the targets, so padding must match no target
+            drafts = self._padded(rnd.tokens, k, fill=NO_TOKEN)
             _targets, accepted, bonus = self.steps.verify(states, drafts, rnd.pos, first)
-        else:
+        else:  # the counts bound acceptance; the padding only has to index the vocabulary
+            drafts = self._padded(rnd.tokens, k)
             p = self._target_probs(self.steps.deep(states, rnd.pos, first), settings)
             counts = torch.tensor([len(d) for d in rnd.tokens], dtype=torch.int64, device=p.device)
             accepted, bonus = speculative_accept(drafts, counts, self._draft_dists(rnd, p), p, generator)
@@ -330,9 +335,9 @@ class Engine:
                     q[b, j] = row
         return q
 
-    def _padded(self, drafts: list[list[int]], k: int) -> torch.Tensor:
-        """Drafts as a [B, k] int64 tensor, zero-padded after each row's own drafts."""
-        return torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.int64,
+    def _padded(self, drafts: list[list[int]], k: int, fill: int = 0) -> torch.Tensor:
+        """Drafts as a [B, k] int64 tensor, padded with ``fill`` after each row's own drafts."""
+        return torch.tensor([d + [fill] * (k - len(d)) for d in drafts], dtype=torch.int64,
                             device=self.w.device).view(len(drafts), k)
 
     def commit(self, pos: list[int], emitted: list[int]) -> list[int]:

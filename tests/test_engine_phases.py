@@ -291,3 +291,37 @@ def test_the_loop_reads_as_small_phases():
                if isinstance(node, ast.FunctionDef)}
     assert {"generate_batch", "draft", "verify", "commit"} <= set(lengths)
     assert max(lengths.values()) <= 50, {name: n for name, n in lengths.items() if n > 50}
+
+
+def test_greedy_verification_never_accepts_a_rows_padding(monkeypatch):
+    """A row with fewer drafts than the round's widest is padded; its padding must match no target. (It was 0, so a
+    row without drafts whose target was token 0 accepted the padding and emitted the token after it.)"""
+    model = tiny_model("llama", 3)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, 5, threshold=0.0, max_draft_steps=3))
+    eng = km.engine
+    targets = torch.tensor([[0, 5, 6], [3, 4, 8]])
+
+    def verify(states, drafts, pos, first):
+        accepted = TorchBackend.accept(drafts, targets)
+        return targets, accepted, targets.gather(1, accepted[:, None])[:, 0]
+
+    monkeypatch.setattr(eng.steps, "verify", verify)
+    rnd = RoundDrafts.start([11, 12], [7, 9], [0, 2])
+    rnd.tokens = [[], [3, 9]]
+    settings = kangaroo_fast.DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=3, max_new_tokens=8)
+    assert eng.verify(rnd, 2, settings) == [[0], [3, 4]]
+
+
+def test_batch_where_a_row_stops_drafting_on_a_token_0_target_equals_hf():
+    """The case that found the padding bug: byte prompts, two in a batch, the last round's row without drafts."""
+    from test_bench import byte_encoder
+
+    model = tiny_model("llama", 3)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, 5, threshold=0.0, max_draft_steps=3))
+    prompts = [byte_encoder([{"role": "user", "content": f"question {i}?"}])[0] for i in (2, 0)]
+    outs = km.generate(prompts, max_new_tokens=5, threshold=0.0, max_draft_steps=3, eos_token_id=[])
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            want = model.generate(p[None], attention_mask=torch.ones_like(p[None]), do_sample=False,
+                                  max_new_tokens=5, eos_token_id=None)[0, len(p):].tolist()
+        assert out.tokens == want

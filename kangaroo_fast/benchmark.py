@@ -575,13 +575,14 @@ BATCH_METHODS = ("vanilla", "kangaroo")
 
 def run_batch_sizes(model, samples: list[Sample], batch_sizes: Iterable[int], max_new_tokens: int,
                     settings: dict | None = None, encode: Callable[[list[dict]], torch.Tensor] | None = None,
-                    progress: bool = False) -> dict:
-    """This engine's vanilla mode and Kangaroo on the samples' first turns, decoded in batches of each size.
+                    progress: bool = False, peers: Iterable[str] = (), prompt_lookup_tokens: int = 10) -> dict:
+    """This engine's vanilla mode and Kangaroo on the samples' first turns, decoded in batches of each size, and
+    the vLLM methods in ``peers`` (``vllm/bench.py``) with the same groups as concurrent requests.
 
-    For batch size B the prompts go in consecutive groups of B (the last group may be smaller); per group the two
+    For batch size B the prompts go in consecutive groups of B (the last group may be smaller); per group the
     methods run one after the other (the order rotating), each as one ``generate`` call on the whole group, timed
     from the call to its return. Reports per B and method: tokens/s (all new tokens over all seconds), the speedup
-    of Kangaroo over vanilla at the same B, the speedup over vanilla at batch 1, and how many sequences equal the
+    over vanilla at the same B, the speedup over vanilla at batch 1, and how many sequences equal the
     same method's batch-1 output token for token (float32 guarantees it; bf16 may round differently per batch).
     """
     sizes = list(batch_sizes)
@@ -596,27 +597,19 @@ def run_batch_sizes(model, samples: list[Sample], batch_sizes: Iterable[int], ma
     settings = {**model.default_settings(), **(settings or {})}
     encode = encode or chat_encoder(model)
     prompts = [encode([{"role": "user", "content": s.turns[0]}])[0] for s in samples]
+    peers = [m for m in PEER_METHODS if m in set(peers)]
+    check_peer_methods(peers)
+    methods = list(BATCH_METHODS) + peers
     model.generate(prompts[:min(2, len(prompts))], max_new_tokens=2, speculate=True, **settings)  # warm-up
-
-    from tqdm.auto import tqdm
-
-    outputs: dict[tuple[int, str], list[list[int]]] = {}
-    seconds: dict[tuple[int, str], float] = defaultdict(float)
-    rotation = 0
-    for b in tqdm(sizes, desc="batch sizes", disable=not progress):
-        for start in range(0, len(prompts), b):
-            group = prompts[start:start + b]
-            order = BATCH_METHODS[rotation % 2:] + BATCH_METHODS[:rotation % 2]
-            rotation += 1
-            for method in order:
-                begin = time.perf_counter()
-                outs = model.generate(group, max_new_tokens=max_new_tokens, speculate=method == "kangaroo",
-                                      **settings)
-                seconds[b, method] += time.perf_counter() - begin
-                outputs.setdefault((b, method), []).extend(o.tokens for o in outs)
+    peer = VLLMPeer(model, max_new_tokens, settings, prompt_lookup_tokens, max_num_seqs=max(sizes)) if peers else None
+    try:
+        outputs, seconds = _batch_runs(model, prompts, sizes, methods, max_new_tokens, settings, peer, progress)
+    finally:
+        if peer is not None:
+            peer.close()
     rows = []
     for b in sizes:
-        for method in BATCH_METHODS:
+        for method in methods:
             tokens = sum(len(t) for t in outputs[b, method])
             rate = tokens / seconds[b, method] if seconds[b, method] > 0 else 0.0
             rows.append({"batch_size": b, "method": method, "new_tokens": tokens, "seconds": seconds[b, method],
@@ -627,18 +620,53 @@ def run_batch_sizes(model, samples: list[Sample], batch_sizes: Iterable[int], ma
         vanilla_same_b, vanilla_1 = by_key[r["batch_size"], "vanilla"], by_key[1, "vanilla"]
         r["speedup_vs_vanilla"] = r["tokens_per_s"] / vanilla_same_b["tokens_per_s"]
         r["speedup_vs_vanilla_batch_1"] = r["tokens_per_s"] / vanilla_1["tokens_per_s"]
-    return {"prompts": len(prompts), "batch_sizes": sizes, "max_new_tokens": max_new_tokens, "rows": rows}
+        if "vllm" in methods:
+            r["speedup_vs_vllm"] = r["tokens_per_s"] / by_key[r["batch_size"], "vllm"]["tokens_per_s"]
+    return {"prompts": len(prompts), "batch_sizes": sizes, "max_new_tokens": max_new_tokens, "rows": rows,
+            **({"vllm": peer.describe()} if peer is not None else {})}
+
+
+def _batch_runs(model, prompts, sizes, methods, max_new_tokens, settings, peer, progress):
+    """``run_batch_sizes``' decoding: per size, per group, every method in rotating order; outputs and seconds."""
+    from tqdm.auto import tqdm
+
+    if peer is not None:
+        for method in methods[len(BATCH_METHODS):]:  # start each engine (and its compile) before any timing
+            peer.run_group(method, [prompts[0].tolist()])
+    outputs: dict[tuple[int, str], list[list[int]]] = {}
+    seconds: dict[tuple[int, str], float] = defaultdict(float)
+    rotation = 0
+    for b in tqdm(sizes, desc="batch sizes", disable=not progress):
+        for start in range(0, len(prompts), b):
+            group = prompts[start:start + b]
+            order = methods[rotation % len(methods):] + methods[:rotation % len(methods)]
+            rotation += 1
+            for method in order:
+                if method in BATCH_METHODS:
+                    begin = time.perf_counter()
+                    outs = model.generate(group, max_new_tokens=max_new_tokens, speculate=method == "kangaroo",
+                                          **settings)
+                    seconds[b, method] += time.perf_counter() - begin
+                    tokens = [o.tokens for o in outs]
+                else:
+                    tokens, took = peer.run_group(method, [p.tolist() for p in group])
+                    seconds[b, method] += took
+                outputs.setdefault((b, method), []).extend(tokens)
+    return outputs, seconds
 
 
 def batch_markdown(batch: dict) -> str:
+    with_vllm = any("speedup_vs_vllm" in r for r in batch["rows"])
     lines = [f"Batch sizes ({batch['prompts']} first turns, {batch['max_new_tokens']} new tokens; speedups are "
-             "tokens/s ratios):", "",
-             "| batch | method | tokens/s | × vanilla (same batch) | × vanilla batch 1 | = batch-1 output |",
-             "|---|---|---|---|---|---|"]
+             "tokens/s ratios; a vLLM method's batch is that many concurrent requests):", "",
+             "| batch | method | tokens/s | × vanilla (same batch) | × vanilla batch 1 |"
+             + (" × vLLM (same batch) |" if with_vllm else "") + " = batch-1 output |",
+             "|---|---|---|---|---|" + ("---|" if with_vllm else "") + "---|"]
     for r in batch["rows"]:
         lines.append(f"| {r['batch_size']} | {METHOD_LABELS[r['method']]} | {r['tokens_per_s']:.1f} | "
                      f"{r['speedup_vs_vanilla']:.2f} | {r['speedup_vs_vanilla_batch_1']:.2f} | "
-                     f"{r['same_as_batch_1']}/{batch['prompts']} |")
+                     + (f"{r['speedup_vs_vllm']:.2f} | " if with_vllm else "")
+                     + f"{r['same_as_batch_1']}/{batch['prompts']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -115,7 +115,8 @@ def run_bench(args) -> dict[str, Path]:
                                      prompt_lookup_tokens=args.prompt_lookup_tokens, progress=True)
     if args.batch_sizes:
         result["batch"] = benchmark.run_batch_sizes(model, samples, args.batch_sizes, args.max_new_tokens,
-                                                    _settings(args), progress=True)
+                                                    _settings(args), progress=True, peers=methods,
+                                                    prompt_lookup_tokens=args.prompt_lookup_tokens)
     result = {"command": "kangaroo-fast " + " ".join(args.argv),
               "model": _model_name(args), "prompts": str(args.questions or args.prompts), "split": _split_used(args),
               "quick": args.quick,
@@ -211,6 +212,18 @@ def _add_prompt_args(parser, default_output: str, default_split: str) -> None:
     parser.add_argument("--name", default=None, help=f"file stem of the results (default: {default_output})")
 
 
+def cmd_vllm_config(args) -> int:
+    """Print vLLM's ``--speculative-config`` JSON for Kangaroo drafts (``kangaroo_fast.vllm.config``)."""
+    import json
+
+    from .vllm import config
+
+    print(json.dumps(config(adapter=args.adapter, num_speculative_tokens=args.num_speculative_tokens,
+                            threshold=args.threshold, lookup=args.lookup, exit_layer=args.exit_layer,
+                            adapter_steps=args.adapter_steps, backend=args.backend)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kangaroo-fast", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10,
                        help="HF prompt lookup decoding's prompt_lookup_num_tokens")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                       help="also decode the first turns in batches of these sizes, vanilla and Kangaroo "
-                            "(default: no batches)")
+                       help="also decode the first turns in batches of these sizes: vanilla, Kangaroo and the vLLM "
+                            "methods asked for (as concurrent requests) (default: no batches)")
     bench.set_defaults(func=cmd_bench)
 
     tune = sub.add_parser("tune", help="speedup over a grid of thresholds, draft steps and adapters",
@@ -312,6 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="context lookup n-gram sizes to try (0: off)")
     tune.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt")
     tune.set_defaults(func=cmd_tune)
+
+    vcfg = sub.add_parser("vllm-config", formatter_class=HelpFormatter,
+                          help="print the --speculative-config JSON that runs Kangaroo drafts in vLLM: "
+                               "vllm serve MODEL --speculative-config \"$(kangaroo-fast vllm-config)\"")
+    vcfg.add_argument("--adapter", default=None,
+                      help="adapter directory, official Kangaroo format (default: the shipped one for the embedded "
+                           "model)")
+    vcfg.add_argument("--num-speculative-tokens", type=int, default=None,
+                      help="most drafts per step (default: the settings tuned for vLLM, see kangaroo_fast.vllm)")
+    vcfg.add_argument("--threshold", type=float, default=None,
+                      help="stop the adapter's drafting below this confidence (default: tuned for vLLM)")
+    vcfg.add_argument("--adapter-steps", type=int, default=None,
+                      help="the adapter drafts only the first this many positions; the context lookup may copy "
+                           "further (default: tuned for vLLM)")
+    vcfg.add_argument("--lookup", type=int, default=None,
+                      help="context lookup n-gram (0: off; default: the adapter's setting)")
+    vcfg.add_argument("--exit-layer", type=int, default=None,
+                      help="layers the adapter reads from (default: the adapter's setting)")
+    vcfg.add_argument("--backend", default=None, help="the draft's backend, torch or triton (default: the device's)")
+    vcfg.set_defaults(func=cmd_vllm_config)
     return parser
 
 

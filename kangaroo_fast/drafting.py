@@ -65,17 +65,25 @@ class Drafter(Protocol):
 
 
 class AdapterDrafter:
-    """Kangaroo's drafting: the adapter's head proposes one token per step until its confidence falls below η."""
+    """Kangaroo's drafting: the adapter's head proposes one token per step until its confidence falls below η;
+    with ``max_position``, only at the round's first ``max_position`` draft positions (a composition may still
+    copy further: the adapter's later guesses are the least often accepted)."""
 
     uses_adapter = True
 
-    def __init__(self):
+    def __init__(self, max_position: int | None = None):
+        if max_position is not None and (isinstance(max_position, bool) or not isinstance(max_position, int)
+                                         or max_position < 1):
+            raise ValueError(f"max_position={max_position!r} must be an integer >= 1 (None: no limit)")
         self.threshold = 0.0
+        self.max_position = max_position
 
     def begin(self, contexts: Sequence[Sequence[int]], threshold: float) -> None:
         self.threshold = threshold
 
     def propose(self, seq: int, drafts: list[int], room: int, head: Callable[[], HeadProposal]) -> Proposal:
+        if self.max_position is not None and len(drafts) >= self.max_position:
+            return Proposal([], False)
         guess = head()
         return Proposal([guess.token], guess.confidence >= self.threshold, [guess.q])
 

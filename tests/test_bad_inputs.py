@@ -249,6 +249,12 @@ CASES = [
     Case("recipe epochs a string", lambda ctx: Recipe.load(recipe_file(
         ctx, "epochs.json", '{"epochs": "4"}')), ValueError, ("epochs.json", "epochs='4'")),
     # ---- the command line ------------------------------------------------------------------------------------
+    Case("vllm-config --threshold 2", lambda ctx: cli.main(["vllm-config", "--threshold", "2"]), CLI_EXIT,
+         ("threshold=2",)),
+    Case("vllm-config --adapter-steps 9 > tokens", lambda ctx: cli.main(
+        ["vllm-config", "--num-speculative-tokens", "4", "--adapter-steps", "9"]), CLI_EXIT, ("adapter_steps=9",)),
+    Case("vllm-config --adapter missing", lambda ctx: cli.main(["vllm-config", "--adapter", str(ctx.root / "nope")]),
+         CLI_EXIT, ("nope", "config.json")),
     Case("--temperature 1e-45", cli_generate("--temperature", "1e-45"), CLI_EXIT, ("temperature=1e-45",)),
     Case("--device tpu", cli_generate("--device", "tpu"), CLI_EXIT, ("device='tpu'",)),
     Case("--device meta", cli_generate("--device", "meta"), CLI_EXIT, ("device='meta'",)),
@@ -319,7 +325,7 @@ def test_one_layer_model_generates_without_an_adapter():
         one_layer.generate([4, 9, 17], max_new_tokens=4)
 
 
-@pytest.mark.parametrize("command", ["generate", "train", "bench", "tune"])
+@pytest.mark.parametrize("command", ["generate", "train", "bench", "tune", "vllm-config"])
 def test_help_documents_every_flag_with_its_default(command, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main([command, "--help"])

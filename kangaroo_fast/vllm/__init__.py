@@ -37,17 +37,24 @@ import math
 from pathlib import Path
 
 PROPOSER_MODULE = "kangaroo_fast.vllm.proposer"
+# The defaults of this route, chosen on the prompt set's tune split with vLLM's CPU build (README, "vLLM"): vLLM
+# verifies a draft token for much of a decoded token's cost here, so the adapter drafts only its first few, surer
+# positions (η 0.6, at most 4), while the context lookup may copy up to 10 tokens a step, as vLLM's n-gram does.
+VLLM_DEFAULTS = {"num_speculative_tokens": 10, "threshold": 0.6, "adapter_steps": 4}
 DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-instruct"
 
 
 def config(adapter: str | Path | None = None, num_speculative_tokens: int | None = None,
            threshold: float | None = None, lookup: int | None = None, exit_layer: int | None = None,
-           backend: str | None = None) -> dict:
+           backend: str | None = None, adapter_steps: int | None = None) -> dict:
     """vLLM's ``speculative_config`` for Kangaroo drafts.
 
     adapter: an adapter directory (official Kangaroo format); None: the one shipped for SmolLM2-135M-Instruct.
-    num_speculative_tokens: the most drafts per step (γ); default the adapter's ``max_draft_steps``.
-    threshold (η), lookup (the context lookup's n-gram, 0 off) and exit_layer (l): default the adapter's settings.
+    num_speculative_tokens: the most drafts per step (γ); threshold: η, the adapter's confidence stop;
+    adapter_steps: the adapter drafts only a step's first this many positions (the context lookup may copy up to
+    num_speculative_tokens). Their defaults are this route's, ``VLLM_DEFAULTS`` (adapter_steps at most
+    num_speculative_tokens), not the adapter's own, which are tuned for kangaroo_fast's engine.
+    lookup (the context lookup's n-gram, 0 off) and exit_layer (l): default the adapter's settings.
     backend: kangaroo_fast's backend for the draft ("torch", "triton"; None: the device's default).
     Checked here, before vLLM starts; that the adapter fits the target model is checked when vLLM loads it.
     """
@@ -58,16 +65,18 @@ def config(adapter: str | Path | None = None, num_speculative_tokens: int | None
         raise FileNotFoundError(f"adapter directory {str(adapter_dir)!r} has no config.json")
     import json
 
-    adapter_config = AdapterConfig.from_json(json.loads((adapter_dir / "config.json").read_text()))
-    k = adapter_config.max_draft_steps if num_speculative_tokens is None else num_speculative_tokens
+    AdapterConfig.from_json(json.loads((adapter_dir / "config.json").read_text()))  # readable, before vLLM starts
+    k = VLLM_DEFAULTS["num_speculative_tokens"] if num_speculative_tokens is None else num_speculative_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_speculative_tokens={k!r} must be an integer >= 1")
-    settings: dict = {"adapter": str(adapter_dir)}
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
-                or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold!r} must lie in [0, 1]")
-        settings["threshold"] = float(threshold)
+    threshold = VLLM_DEFAULTS["threshold"] if threshold is None else threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold!r} must lie in [0, 1]")
+    steps = min(k, VLLM_DEFAULTS["adapter_steps"]) if adapter_steps is None else adapter_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= k:
+        raise ValueError(f"adapter_steps={steps!r} must be an integer in [1, num_speculative_tokens={k}]")
+    settings: dict = {"adapter": str(adapter_dir), "threshold": float(threshold), "adapter_steps": steps}
     if lookup is not None:
         if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
             raise ValueError(f"lookup={lookup!r} must be an integer >= 0 (0 turns the context lookup off)")

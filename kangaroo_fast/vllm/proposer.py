@@ -24,7 +24,11 @@ in another process: ``kangaroo_fast.vllm.proposer.Kangaroo_<hex of JSON>``, made
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,33 @@ from ..lookup import NgramLookup
 from ..models import model_eos_ids, pack_model
 
 CLASS_PREFIX = "Kangaroo_"
+PROFILE_ENV = "KANGAROO_VLLM_PROFILE"  # every this many calls, the proposer prints where its time went (stderr)
+
+
+class ProposerTimes:
+    """Where the proposer's time goes, per vLLM call: catching up on tokens its cache lacks (the shallow layers vLLM
+    also ran in verification) and drafting. Printed every ``every`` calls when ``KANGAROO_VLLM_PROFILE`` is set."""
+
+    def __init__(self, every: int):
+        self.every, self.calls, self.drafts = every, 0, 0
+        self.seconds = {"call": 0.0, "catch_up": 0.0, "draft": 0.0}
+
+    @contextlib.contextmanager
+    def timing(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
+
+    def count(self, drafts: int) -> None:
+        self.calls += 1
+        self.drafts += drafts
+        if self.every and self.calls % self.every == 0:
+            per = {k: 1000 * v / self.calls for k, v in self.seconds.items()}
+            print(f"kangaroo_fast.vllm proposer: {self.calls} calls, per call {per['call']:.2f} ms (catch-up "
+                  f"{per['catch_up']:.2f} ms, drafting {per['draft']:.2f} ms), {self.drafts / self.calls:.2f} "
+                  "drafts", file=sys.stderr, flush=True)
 
 
 def encode_settings(settings: dict) -> str:
@@ -109,6 +140,7 @@ class KangarooProposer:
         self.engine: ShallowEngine | None = None
         self.rows: list[np.ndarray] = []  # per cache row: the tokens its cache holds, position by position
         self.lookups: list[NgramLookup | None] = []
+        self.times = ProposerTimes(int(os.environ.get(PROFILE_ENV) or 0))
 
     def load_model(self, *_target_model) -> None:
         """Read the shallow layers from the target checkpoint and the adapter (vLLM's target model is not used)."""
@@ -170,6 +202,12 @@ class KangarooProposer:
     @torch.no_grad()
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
                 slot_mappings=None) -> list[list[int]]:
+        with self.times.timing("call"):
+            out = self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self.times.count(sum(len(d) for d in out))
+        return out
+
+    def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
         engine = self.engine
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         rows = [i for i, new in enumerate(sampled_token_ids)
@@ -181,12 +219,14 @@ class KangarooProposer:
         contexts = [token_ids_cpu[i, :num_tokens_no_spec[i]].astype(np.int64) for i in rows]
         held = [min(self._place(slot, tokens), len(tokens) - 1) for slot, tokens in enumerate(contexts)]
         engine.cache.active = engine.adapter_cache.active = len(rows)
-        self._catch_up(contexts, held)
+        with self.times.timing("catch_up"):
+            self._catch_up(contexts, held)
         pos = [len(t) - 1 for t in contexts]
         budget = [max(0, min(self.k, self.max_model_len - len(t))) for t in contexts]
         lookups = [self._lookup(slot, t, h) for slot, (t, h) in enumerate(zip(contexts, held))]
         rnd = RoundDrafts.start([int(t[-1]) for t in contexts], pos, budget)
-        engine.draft(rnd, self._drafter(lookups), list(range(len(rows))), self.decode, self.eos)
+        with self.times.timing("draft"):
+            engine.draft(rnd, self._drafter(lookups), list(range(len(rows))), self.decode, self.eos)
         for slot, (i, tokens, d) in enumerate(zip(rows, contexts, rnd.tokens)):
             self.rows[slot] = np.concatenate([tokens, np.asarray(d, dtype=np.int64)])  # every draft ran through
             out[i] = d
@@ -195,7 +235,7 @@ class KangarooProposer:
     def _drafter(self, lookups: list[NgramLookup | None]) -> Drafter:
         """The engine's default drafter over this call's cache rows: the adapter, after the context lookup when the
         settings have one (its per-row indexes are the proposer's own, extended call by call, not rebuilt)."""
-        adapter = AdapterDrafter()
+        adapter = AdapterDrafter(self.settings.get("adapter_steps"))
         adapter.begin((), self.decode.threshold)
         if not self.decode.lookup:
             return adapter

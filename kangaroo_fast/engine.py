@@ -254,15 +254,18 @@ class Engine:
                     self.max_len - p - 2) for i, p in zip(seqs.rows, seqs.pos)]
 
     def draft(self, rnd: "RoundDrafts", drafter: Drafter, seqs: list[int], settings: DecodeSettings,
-              eos: set[int], generator: torch.Generator | None = None) -> None:
+              eos: set[int], generator: torch.Generator | None = None, run_last: bool = True) -> None:
         """Ask ``drafter`` for every drafting row's next tokens (``seqs[r]``: row r's prompt index) until none
-        drafts on; every input ends up run through layers 0..l-1 (and the adapter), its layer-l state kept."""
+        drafts on; every input ends up run through layers 0..l-1 (and the adapter), its layer-l state kept.
+        ``run_last=False`` leaves the inputs no head needed unrun (``rnd.ran`` says which ran): for a caller that
+        verifies elsewhere (the vLLM proposer)."""
         while any(rnd.drafting):
             head = self._head_once(rnd, settings, generator)
             for r, go in enumerate(rnd.drafting):
                 if go:
                     rnd.take(r, drafter.propose(seqs[r], rnd.tokens[r], rnd.room(r), lambda r=r: head(r)), eos)
-        self._run_pending(rnd, settings.exit_layer, drafter.uses_adapter)
+        if run_last:
+            self._run_pending(rnd, settings.exit_layer, drafter.uses_adapter)
 
     def _head_once(self, rnd: "RoundDrafts", settings: DecodeSettings,
                    generator: torch.Generator | None) -> Callable[[int], HeadProposal]:

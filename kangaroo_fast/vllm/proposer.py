@@ -11,8 +11,8 @@ the target is loaded, and after every step that sampled tokens (``GPUModelRunner
 It sees token ids only: no request ids, positions, hidden states or the target's KV cache. So the proposer keeps
 its own static caches (layers 0..l-1 and the adapter) with one cache row per batch row, and knows which tokens each
 cache row holds. Each call it compares a row's committed tokens with its cache row: the common prefix stays (after
-a round it is everything but the bonus token, since every draft ran through the shallow layers and the accepted ones
-match), the rest is run again. A row whose tokens no longer fit its cache row (a new request, or vLLM moved
+a round it is the context up to the accepted drafts that ran through the shallow layers: vLLM verifies, so a draft
+runs here only where the draft head needed it), the rest, the newest token included, is run again in one forward. A row whose tokens no longer fit its cache row (a new request, or vLLM moved
 requests between rows) takes the cache row with the longest common prefix, so the proposer is correct whatever
 vLLM does with its rows; only the work it redoes changes. Then ``Engine.draft`` proposes for all rows at once, with
 the engine's own default drafter (``drafting.py``: Kangaroo's confidence stop, the context lookup) and EOS, as in
@@ -225,10 +225,11 @@ class KangarooProposer:
         budget = [max(0, min(self.k, self.max_model_len - len(t))) for t in contexts]
         lookups = [self._lookup(slot, t, h) for slot, (t, h) in enumerate(zip(contexts, held))]
         rnd = RoundDrafts.start([int(t[-1]) for t in contexts], pos, budget)
-        with self.times.timing("draft"):
-            engine.draft(rnd, self._drafter(lookups), list(range(len(rows))), self.decode, self.eos)
-        for slot, (i, tokens, d) in enumerate(zip(rows, contexts, rnd.tokens)):
-            self.rows[slot] = np.concatenate([tokens, np.asarray(d, dtype=np.int64)])  # every draft ran through
+        rnd.ran = [1] * len(rows)  # the catch-up ran the newest token: the first head reads its adapter output
+        with self.times.timing("draft"):  # vLLM verifies: the drafts no head needed are not run here
+            engine.draft(rnd, self._drafter(lookups), list(range(len(rows))), self.decode, self.eos, run_last=False)
+        for slot, (i, tokens, d, ran) in enumerate(zip(rows, contexts, rnd.tokens, rnd.ran)):
+            self.rows[slot] = np.concatenate([tokens, np.asarray(d[:ran - 1], dtype=np.int64)])  # what the cache holds
             out[i] = d
         return out
 
@@ -244,12 +245,11 @@ class KangarooProposer:
         return FirstOf(copy, adapter)
 
     def _catch_up(self, contexts: list[np.ndarray], held: list[int]) -> None:
-        """Run each row's tokens its cache lacks, except the newest (the draft's first input), in one forward."""
+        """Run each row's tokens its cache lacks, the newest included (``held`` < its length), in one forward; the
+        newest token's adapter output goes where the draft head reads it (``engine.newest``)."""
         engine = self.engine
-        missing = [t[h:len(t) - 1] for t, h in zip(contexts, held)]
+        missing = [t[h:] for t, h in zip(contexts, held)]
         width = max(len(m) for m in missing)
-        if width == 0:
-            return
         ids = torch.zeros(len(missing), width, dtype=torch.int64)
         for b, m in enumerate(missing):
             ids[b, :len(m)] = torch.from_numpy(m)
@@ -258,7 +258,9 @@ class KangarooProposer:
         start = engine._starts(held)
         h = engine._layers(engine.ops.embed(ids.to(engine.w.device), engine.w.embed), start, 0,
                            self.decode.exit_layer)
-        engine._adapter(h, start)
+        out = engine._adapter(h, start)
+        for b, m in enumerate(missing):
+            engine.newest[b] = out[b, len(m) - 1]
 
 
 def __getattr__(name: str):

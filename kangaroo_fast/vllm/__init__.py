@@ -26,10 +26,11 @@ Which vLLM 0.32 route, and why (measured on the 2-core CPU, ``bench/results/vllm
   the paged cache make ``draft_model`` steps cheap and this proposer's eager, host-scheduled steps are the cost,
   measure again.
 
-Measured (vLLM alone = 1): the shipped settings (η=0.3, γ=8, lookup 3, tuned for this project's engine, where
-verification reuses the drafts' layer-l states) 0.46x; η=0.6, γ=4 1.03x; vLLM's n-gram 1.27x. On vLLM's CPU build a
-verified draft costs much of a decoded token, so only few, sure drafts pay; the settings for vLLM need their own
-tune.
+Measured on the report split (README, "vLLM"; ``bench/results/bench-vllm-cpu.md``), one request at a time, vLLM
+alone = 1: this route with its defaults (``VLLM_DEFAULTS``) 1.36x, vLLM's n-gram 1.02x; at 4 concurrent requests
+1.00x, at 8 0.74x. On vLLM's CPU build a verified draft costs much of a decoded token, so only few, sure adapter
+drafts pay: the route has its own defaults, chosen on the tune split, not the adapter's (tuned for this project's
+engine, where verification reuses the drafts' layer-l states; with them the route measured 0.46x early on).
 """
 from __future__ import annotations
 

@@ -76,31 +76,3 @@ def test_bf16_decode_on_onednn_equals_its_own_vanilla_mode():
     spec, stats = km.engine.generate(prompt, settings, set())
     assert stats.draft_steps > 0 and spec == vanilla
 
-
-
-@pytest.mark.parametrize("hq,hk", [(9, 3), (4, 4), (6, 1)])
-@pytest.mark.parametrize("t,start,window", [(1, 0, None), (1, 122, None), (7, 0, None), (7, 40, None),
-                                            (1, 122, 16), (7, 40, 5), (3, "rows", None), (1, "rows", 9)])
-def test_bf16_attention_matches_the_reference(hq, hk, t, start, window):
-    """Grouped float32 attention against the reference's SDPA, within the bf16 tolerance; per-sequence starts
-    (one of them near the cache's end, so its padding queries fall past it) and sliding windows included."""
-    gen = torch.Generator().manual_seed(hq * 100 + hk * 10 + t)
-    bsz, s_max, d = 3, 130, 16
-    q = torch.randn(bsz, hq, t, d, generator=gen).bfloat16()
-    k_cache = torch.randn(bsz, hk, s_max, d, generator=gen).bfloat16()
-    v_cache = torch.randn(bsz, hk, s_max, d, generator=gen).bfloat16()
-    if start == "rows":
-        start = torch.tensor([0, 57, s_max - 2], dtype=torch.int64)
-    got = OneDNNBackend.attention(q, k_cache, v_cache, start, window)
-    want = TorchBackend.attention(q.float(), k_cache.float(), v_cache.float(), start, window)
-    assert got.shape == (bsz, t, hq * d) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, atol=TOLERANCES[torch.bfloat16][0],
-                               rtol=TOLERANCES[torch.bfloat16][1])
-
-
-def test_attention_in_other_dtypes_is_the_reference_bit_for_bit():
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 6, 7, 8, generator=gen)
-    k_cache, v_cache = torch.randn(2, 2, 50, 8, generator=gen), torch.randn(2, 2, 50, 8, generator=gen)
-    got = OneDNNBackend.attention(q, k_cache, v_cache, 20)
-    assert torch.equal(got, TorchBackend.attention(q, k_cache, v_cache, 20))

@@ -5,11 +5,6 @@ every call. Packing each weight once into oneDNN's blocked layout (``torch.ops.m
 the op Inductor's CPU freezing pass uses) and running ``torch.ops.mkldnn._linear_pointwise`` on it cut a
 SmolLM2-135M decode step's products 2-3x on this project's 2-core CPU (``bench/results/micro-cpu.md``).
 
-Attention in bfloat16 runs as grouped float32 products and softmax (``attention`` below): at decode shapes (one
-query, hundreds of keys) that is about 3x faster on this CPU than ``scaled_dot_product_attention`` in bf16 (182 us
-against 62 us per layer at 300 keys, 547 against 129 at 1,000), and it rounds less (the softmax weights stay
-float32 rather than bf16).
-
 Everything else is the reference: float32 (and float16, and anything not on CPU) goes to ``F.linear`` unchanged,
 so float32 decoding keeps its token-for-token equality with HF. In bfloat16 the products round in a different
 order than ``F.linear``'s, so outputs may part from HF's at near-ties, as any other kernel would.
@@ -76,33 +71,3 @@ class OneDNNBackend(TorchBackend):
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(rows, cls._pack(weight), bias, "none", [None], "")
         return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor,
-                  sliding_window: int | None = None) -> torch.Tensor:
-        """The reference's ``attention`` (same arguments, masks and padding rule); in bfloat16 on CPU, grouped
-        float32 products and softmax, each query group reading its K/V head in place (no repeat)."""
-        if q.dtype != torch.bfloat16 or q.device.type != "cpu":
-            return TorchBackend.attention(q, k_cache, v_cache, start, sliding_window)
-        bsz, hq, t, d = q.shape
-        hk = k_cache.shape[1]
-        steps = torch.arange(t, device=q.device)
-        if isinstance(start, int):
-            end = start + t
-            q_pos = (start + steps)[None, :]                                  # [1, T]
-        else:  # per-sequence starts: keys up to the batch's largest end (one host sync, as the reference)
-            q_pos = start[:, None] + steps                                    # [B, T]
-            end = min(int(q_pos.max()) + 1, k_cache.shape[2])
-            q_pos = q_pos.clamp(max=end - 1)  # padding queries past the cache see a full row, not none
-        k = k_cache[:, :, :end].float()
-        v = v_cache[:, :, :end].float()
-        scores = torch.matmul(q.float().reshape(bsz, hk, hq // hk * t, d), k.transpose(-1, -2)) * d ** -0.5
-        if t > 1 or not isinstance(start, int) or (sliding_window is not None and end > sliding_window):
-            k_pos = torch.arange(k.shape[2], device=q.device)
-            mask = k_pos <= q_pos[:, :, None]                                 # [B or 1, T, S]
-            if sliding_window is not None:
-                mask &= k_pos > q_pos[:, :, None] - sliding_window
-            scores = scores.view(bsz, hk, hq // hk, t, -1).masked_fill(~mask[:, None, None], float("-inf"))
-            scores = scores.view(bsz, hk, hq // hk * t, -1)
-        out = torch.matmul(scores.softmax(-1), v).to(q.dtype)                 # [B, Hkv, G*T, D]
-        return out.view(bsz, hq, t, d).transpose(1, 2).reshape(bsz, t, hq * d)

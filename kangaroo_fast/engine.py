@@ -47,6 +47,7 @@ from .sampling import sample, speculative_accept, target_probs
 # drafts accept the padding when its target was token 0).
 NO_TOKEN = -1
 
+
 @dataclass
 class GenerationStats:
     new_tokens: int = 0

@@ -34,7 +34,8 @@ def test_config_names_a_proposer_class_carrying_the_settings(tiny_dirs):
     _, adapter_dir, _ = tiny_dirs
     spec = kv.config(adapter=adapter_dir, threshold=0.5, lookup=0)
     assert spec["method"] == "custom_class"
-    assert spec["num_speculative_tokens"] == kv.VLLM_DEFAULTS["num_speculative_tokens"]  # the route's, not the adapter's
+    # the route's own number of drafts, not the adapter's
+    assert spec["num_speculative_tokens"] == kv.VLLM_DEFAULTS["num_speculative_tokens"]
     module, name = spec["model"].rsplit(".", 1)
     assert module == kv.PROPOSER_MODULE and all(part.isidentifier() for part in spec["model"].split("."))
     cls = getattr(kp, name)

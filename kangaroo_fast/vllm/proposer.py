@@ -12,9 +12,10 @@ It sees token ids only: no request ids, positions, hidden states or the target's
 its own static caches (layers 0..l-1 and the adapter) with one cache row per batch row, and knows which tokens each
 cache row holds. Each call it compares a row's committed tokens with its cache row: the common prefix stays (after
 a round it is the context up to the accepted drafts that ran through the shallow layers: vLLM verifies, so a draft
-runs here only where the draft head needed it), the rest, the newest token included, is run again in one forward. A row whose tokens no longer fit its cache row (a new request, or vLLM moved
-requests between rows) takes the cache row with the longest common prefix, so the proposer is correct whatever
-vLLM does with its rows; only the work it redoes changes. Then ``Engine.draft`` proposes for all rows at once, with
+runs here only where the draft head needed it), the rest, the newest token included, is run again in one forward.
+A row whose tokens no longer fit its cache row (a new request, or vLLM moved requests between rows) takes the cache
+row with the longest common prefix, so the proposer is correct whatever vLLM does with its rows; only the work it
+redoes changes. Then ``Engine.draft`` proposes for all rows at once, with
 the engine's own default drafter (``drafting.py``: Kangaroo's confidence stop, the context lookup) and EOS, as in
 this project's own loop.
 
@@ -255,10 +256,7 @@ class KangarooProposer:
             ids[b, :len(m)] = torch.from_numpy(m)
         # a row with fewer missing tokens writes padding past them, at positions its draft overwrites before reading
         # (or past the cache, where the ops drop the writes)
-        start = engine._starts(held)
-        h = engine._layers(engine.ops.embed(ids.to(engine.w.device), engine.w.embed), start, 0,
-                           self.decode.exit_layer)
-        out = engine._adapter(h, start)
+        _h, out = engine.steps.shallow(ids.to(engine.w.device), held, self.decode.exit_layer, True)
         for b, m in enumerate(missing):
             engine.newest[b] = out[b, len(m) - 1]
 

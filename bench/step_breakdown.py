@@ -1,13 +1,16 @@
-"""Where a vanilla decode step of the embedded model goes: the whole step against its matrix products and its
-attention calls alone, each timed on the engine's own backend and cache (batch 1, bfloat16 by default).
+"""Where a decode step of the embedded model goes: the whole step against its matrix products and its attention
+calls alone, each timed on the engine's own backend and cache (batch 1, bfloat16 by default).
 
-    python bench/step_breakdown.py [--context 300] [--repeats 80] [--dtype bfloat16]
+    python bench/step_breakdown.py [--context 300] [--repeats 80] [--dtype bfloat16] [--backend onednn inductor]
 
-Prints milliseconds per step for: the step (all layers and the LM head, as the engine runs it without drafting),
-its products alone (every layer's qkv, o, gate/up and down, and the LM head, through ``ops.linear``), its attention
-alone (one query over ``context`` cached positions per layer, through ``ops.attention``), and the rest (the
-difference: norms, RoPE, cache writes, residuals, dispatch). A diagnostic for issue 13's "a step within 1.3x the
-time of its matrix products"; compare ratios from one run only.
+Prints milliseconds per step, per backend, for: the vanilla step (all layers and the LM head, as the engine runs it
+without drafting), its products alone (every layer's qkv, o, gate/up and down, and the LM head, through
+``ops.linear`` on oneDNN's packed weights), its attention alone (one query over ``context`` cached positions per
+layer, through ``ops.attention``), and the rest (the difference: norms, RoPE, cache writes, residuals, dispatch);
+then the draft step (layers 0..l-1, the adapter and the draft head, as the engine's drafting runs them) against its
+own products (those layers', the adapter's and the draft head's). With the inductor backend the steps are the
+compiled ones (compiled before the timing). A diagnostic for issue 13's "a draft step within 1.3x the time of its
+matrix products"; compare ratios from one run only.
 """
 from __future__ import annotations
 
@@ -26,29 +29,35 @@ def _ms(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def breakdown(context: int, repeats: int, dtype: str) -> dict[str, float]:
+def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None) -> dict[str, float]:
     import kangaroo_fast as kf
-    from kangaroo_fast.engine import RoundDrafts
     from kangaroo_fast.config import DecodeSettings
+    from kangaroo_fast.engine import RoundDrafts
 
-    model = kf.load(dtype=getattr(torch, dtype))
+    model = kf.load(dtype=getattr(torch, dtype), backend=backend)
     engine, c = model.engine, model.config
     ops, layers = engine.ops, engine.w.layers
+    exit_layer = model.default_settings()["exit_layer"]
+    model.warm_up()
     engine.cache.reset(1)
     settings = DecodeSettings(exit_layer=1)
     x = torch.randn(1, 1, c.hidden_size, dtype=engine.w.dtype)
     hidden = torch.randn(1, 1, c.intermediate_size, dtype=engine.w.dtype)
     q = torch.randn(1, c.num_heads, 1, c.head_dim, dtype=engine.w.dtype)
+    token = torch.tensor([[11]])
 
     def step():
         engine.verify(RoundDrafts.start([11], [context], None), 0, settings)
 
-    def products():
-        for w in layers:
+    def layer_products(selected):
+        for w in selected:
             ops.linear(x, w.w_qkv)
             ops.linear(x, w.w_o)
             ops.linear(x, w.w_gate_up)
             ops.linear(hidden, w.w_down)
+
+    def products():
+        layer_products(layers)
         ops.linear(x, engine.w.lm_head)
 
     def attention():
@@ -56,10 +65,23 @@ def breakdown(context: int, repeats: int, dtype: str) -> dict[str, float]:
             k_cache, v_cache = engine.cache.layer(i)
             ops.attention(q, k_cache, v_cache, context, c.layer_windows[i])
 
+    def draft_step():
+        _h, out = engine.steps.shallow(token, [context], exit_layer, True)
+        engine.steps.head(out[:, -1])
+
+    def draft_products():
+        layer_products(layers[:exit_layer])
+        ops.linear(x, engine.a_qkv)
+        ops.linear(x, engine.a_o)
+        ops.linear(x[:, 0], engine.draft_head)
+
     with torch.no_grad():
         times = {"step": _ms(step, repeats), "products": _ms(products, repeats),
                  "attention": _ms(attention, repeats)}
-    times["rest"] = times["step"] - times["products"] - times["attention"]
+        times["rest"] = times["step"] - times["products"] - times["attention"]
+        if model.adapter is not None:
+            times["draft step"] = _ms(draft_step, repeats)
+            times["draft products"] = _ms(draft_products, repeats)
     return times
 
 
@@ -68,10 +90,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300, help="cached positions before the step (default: 300)")
     parser.add_argument("--repeats", type=int, default=80, help="timed steps (default: 80)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default: bfloat16)")
+    parser.add_argument("--backend", nargs="+", default=[None],
+                        help="backends to time one after the other (default: the device's default for the dtype)")
     args = parser.parse_args()
-    times = breakdown(args.context, args.repeats, args.dtype)
-    for name, ms in times.items():
-        print(f"{name:>10}: {ms:6.2f} ms  ({ms / times['products']:.2f}x the products)")
+    for backend in args.backend:
+        times = breakdown(args.context, args.repeats, args.dtype, backend)
+        print(f"-- backend {backend or 'default'}, context {args.context}, {args.dtype}")
+        for name, ms in times.items():
+            base = times["draft products"] if name.startswith("draft") else times["products"]
+            print(f"{name:>15}: {ms:6.2f} ms  ({ms / base:.2f}x the products)")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class KangarooModel:
             adapter.config.check_settings(self.config.num_layers, max_cache_len)
             adapter = adapter.to(self.packed.device).eval()
         self.adapter = adapter
-        self.engine = Engine(self.packed, resolve_backend(backend, self.packed.device), max_cache_len, adapter,
+        ops = resolve_backend(backend, self.packed.device, self.packed.dtype)
+        self.engine = Engine(self.packed, ops, max_cache_len, adapter,
                              adapter.config.max_draft_steps if adapter is not None else 6, graphs=graphs)
 
     @property
@@ -62,6 +63,15 @@ class KangarooModel:
         c = self.adapter.config
         return {"exit_layer": c.exit_layer, "threshold": c.threshold, "max_draft_steps": c.max_draft_steps,
                 "lookup": c.lookup}
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,), sampling: bool = False,
+                exit_layer: int | None = None) -> float:
+        """Compile the decode steps up front where they are compiled (the inductor backend, the CPU default in
+        bfloat16): those of vanilla decoding and of drafting from ``exit_layer`` (the adapter's by default), for
+        each batch size, and the sampling steps with ``sampling``. Otherwise each compiles on its first use, up to a
+        minute inside a call. Returns the seconds spent (0 where nothing is compiled)."""
+        layer = self.default_settings()["exit_layer"] if exit_layer is None else exit_layer
+        return self.engine.warm_up(layer if self.adapter is not None else None, tuple(batch_sizes), sampling)
 
     def eos_ids(self, eos_token_id=None) -> set[int]:
         """The model's own EOS ids, or ``eos_token_id``: one id, a list of ids or an integer tensor of them."""
@@ -234,9 +244,12 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     adapter: a directory in the official Kangaroo format, an ``Adapter``, or None (the shipped adapter for the
     embedded model; no adapter otherwise, which allows only ``speculate=False``).
     dtype/device: defaults are the fast dtype of the device (bfloat16 on CPUs with AVX512-BF16 and on CUDA).
-    backend: "torch" (the reference), "triton" (fused kernels), or None: triton on CUDA when installed, else torch.
-    graphs: greedy decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA, False
-    turns them off, True insists on them (see ``Engine``).
+    backend: "torch" (the reference), "onednn" (its bf16 products on prepacked oneDNN weights), "inductor" (decode
+    steps compiled by ``torch.compile`` into C++ on CPU: a minute or so of compiling per kind of step, once per
+    process), "triton" (fused kernels), or None: triton on CUDA when installed; on CPU inductor in bfloat16 (onednn
+    where no C++ compiler is found) and onednn in float32 (see ``backend.default_backend_name``).
+    graphs: the decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA (and compiled
+    steps with the inductor backend), False turns them off, True insists on them (see ``Engine``).
     """
     hf_model, tokenizer = load_hf(model, dtype, _resolve_device(device))
     if adapter is None and model is None:

@@ -416,6 +416,8 @@ def _run(runner: Methods, model, samples, methods, max_new_tokens, settings, enc
             max_new_tokens + 16) for s in samples)
         runner.prepare_compile([max(first_ids, key=lambda t: t.shape[1]), warm], longest)
     active = [m for m in methods if m not in runner.unavailable]
+    # compiled decode steps compile here, outside the timings (0 s where nothing is compiled)
+    warm_up_s = model.warm_up(exit_layer=settings["exit_layer"])
     for name in active:  # one untimed call each: lazy initialisation stays out of the numbers
         runner.run(name, warm)
 
@@ -447,6 +449,7 @@ def _run(runner: Methods, model, samples, methods, max_new_tokens, settings, enc
                 messages.append({"role": "assistant", "content": decode(baseline)})
 
     return {"methods": active, "unavailable": runner.unavailable, "compile_s": runner.compile_s,
+            "warm_up_s": warm_up_s, "backend": model.engine.ops.name,
             "settings": {**settings, "max_new_tokens": max_new_tokens, "prompt_lookup_num_tokens": prompt_lookup_tokens,
                          "hf_early_exit": {"num_assistant_tokens": settings["max_draft_steps"],
                                            "assistant_confidence_threshold": settings["threshold"],
@@ -548,6 +551,9 @@ def markdown_table(result: dict) -> str:
                  "#MAT: tokens per target forward after the prefill.")
     if result.get("compile_s") is not None and "hf_compile" in methods:
         notes.append(f"torch.compile warm-up (not in the timings): {result['compile_s']:.1f} s.")
+    if result.get("warm_up_s"):
+        notes.append(f"This engine's {result.get('backend', '')} backend compiled its decode steps before the timings: "
+                     f"{result['warm_up_s']:.1f} s.")
     mismatched = [m for m in methods if overall[m]["mismatches"]]
     if mismatched:
         notes.append("Outputs differing from HF greedy (id#turn@first differing token): " + "; ".join(
@@ -600,6 +606,7 @@ def run_batch_sizes(model, samples: list[Sample], batch_sizes: Iterable[int], ma
     peers = [m for m in PEER_METHODS if m in set(peers)]
     check_peer_methods(peers)
     methods = list(BATCH_METHODS) + peers
+    model.warm_up(sizes, exit_layer=settings["exit_layer"])  # compiled steps compile here (untimed)
     model.generate(prompts[:min(2, len(prompts))], max_new_tokens=2, speculate=True, **settings)  # warm-up
     peer = VLLMPeer(model, max_new_tokens, settings, prompt_lookup_tokens, max_num_seqs=max(sizes)) if peers else None
     try:
@@ -702,6 +709,7 @@ def run_tune(models: dict[str, object], samples: list[Sample], thresholds: Itera
     warm = min(prompt_ids, key=lambda t: t.shape[1])
     first.generate(warm, max_new_tokens=4, speculate=False)
     for model in models.values():
+        model.warm_up()
         model.generate(warm, max_new_tokens=4)
     for sample, ids in tqdm(list(zip(samples, prompt_ids)), desc="prompts", disable=not progress):
         vanilla = first.generate(ids, max_new_tokens=max_new_tokens, speculate=False)

@@ -21,6 +21,7 @@ class StaticKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self._active = 0
         self.active = batch
 
     @property
@@ -32,8 +33,12 @@ class StaticKVCache:
         return self.k.shape[1]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views [active, Hkv, max_len, D] of one layer's keys and values."""
-        return self.k[index, :self.active], self.v[index, :self.active]
+        """Views [active, Hkv, max_len, D] of one layer's keys and values.
+
+        The views are made once per number of active rows and kept: a compiled step (``graphs.py``) then takes
+        each layer's view as an input of its own and writes into it in place; a view made inside the step would
+        make the compiled step write the whole [layers, ...] buffer back after each layer."""
+        return self._views[index]
 
     def reset(self, active: int | None = None) -> None:
         """Forget every sequence; the first ``active`` rows (all by default) are in use."""
@@ -54,3 +59,14 @@ class StaticKVCache:
             self.v[:, :n] = self.v[:, index]
             self.lengths[:n] = self.lengths[index]
         self.active = len(rows)
+
+    @property
+    def active(self) -> int:
+        """The leading rows in use."""
+        return self._active
+
+    @active.setter
+    def active(self, active: int) -> None:
+        if active != self._active:
+            self._views = [(self.k[i, :active], self.v[i, :active]) for i in range(self.k.shape[0])]
+        self._active = active

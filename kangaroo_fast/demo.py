@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     model = kf.load(dtype=args.dtype)
     if model.adapter is None:
         raise SystemExit("no shipped adapter found: run `make train-default` first")
+    model.warm_up()  # where the decode steps are compiled (bfloat16 on CPU), says so and compiles them now
     out = model.generate("Explain in two sentences what speculative decoding is.", max_new_tokens=80)
     print(out.text)
     print(f"-- {out.stats.new_tokens} tokens, {out.stats.tokens_per_s:.1f} tokens/s, "

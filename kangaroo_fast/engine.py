@@ -38,7 +38,7 @@ from .backend import resolve_backend
 from .cache import StaticKVCache
 from .config import DecodeSettings
 from .drafting import Drafter, HeadProposal, Proposal
-from .graphs import DecodeSteps
+from .graphs import DecodeSteps, FrozenWeights
 from .models import PackedModel
 from .sampling import sample, speculative_accept, target_probs
 
@@ -46,6 +46,19 @@ from .sampling import sample, speculative_accept, target_probs
 # targets: no target equals it, so a row's acceptance ends with its own drafts (0, a token id, once let a row without
 # drafts accept the padding when its target was token 0).
 NO_TOKEN = -1
+
+
+@dataclass
+class AdapterWeights:
+    """The adapter's tensors in the engine's dtype: its norms and projections, the draft head (the LM head's rows
+    of the draft vocabulary) and the draft vocabulary (None: the full one)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    o: torch.Tensor
+    norm: torch.Tensor
+    head: torch.Tensor
+    vocab: torch.Tensor | None
 
 
 @dataclass
@@ -102,12 +115,14 @@ class Engine:
                  max_draft_steps: int = 6, graphs: bool | str | None = None):
         """``backend``: a backend object, its name, or None for the device's default (triton on CUDA).
 
-        ``graphs``: greedy decode steps replayed as CUDA graphs (``graphs.py``). None: on where the backend is
-        triton on a CUDA device; True: on (an error elsewhere); False: off; ``"eager"``: the same graph loop
-        without capturing (runs anywhere; how the tests check that loop on CPU)."""
+        ``graphs``: decode steps replayed as CUDA graphs or compiled (``graphs.py``). None: CUDA graphs where the
+        backend is triton on a CUDA device, compiled steps where it is inductor; True: CUDA graphs (an error
+        elsewhere); ``"compile"``: compiled steps (the inductor backend only); False: off (the inductor backend
+        then runs its ops eagerly: the reference the compiled steps are tested against); ``"eager"``: the CUDA
+        graph loop without capturing (runs anywhere; how the tests check that loop on CPU)."""
         self.w = packed
         self.cfg = packed.config
-        self.ops = resolve_backend(backend, packed.device)
+        self.ops = resolve_backend(backend, packed.device, packed.dtype)
         self.graph_mode = self._graph_mode(graphs)
         dtype, device = packed.dtype, packed.device
         if max_len > packed.rope_cos.shape[0]:
@@ -119,14 +134,27 @@ class Engine:
             adapter.config.check_matches(self.cfg)
             self.adapter = adapter
             with torch.no_grad():
-                self.a_input_norm = adapter.input_norm.detach().to(device, dtype)
-                self.a_qkv = adapter.qkv_weight().detach().to(device, dtype)
-                self.a_o = adapter.o_proj.weight.detach().to(device, dtype)
-                self.a_norm = adapter.norm.detach().to(device, dtype)
-                self.draft_head = adapter.head_weight(packed.lm_head).to(device, dtype).contiguous()
                 vocab = adapter.draft_vocab
-                self.draft_vocab = None if vocab is None else vocab.to(device)
+                self.a = AdapterWeights(
+                    input_norm=adapter.input_norm.detach().to(device, dtype),
+                    qkv=adapter.qkv_weight().detach().to(device, dtype),
+                    o=adapter.o_proj.weight.detach().to(device, dtype),
+                    norm=adapter.norm.detach().to(device, dtype),
+                    head=adapter.head_weight(packed.lm_head).to(device, dtype).contiguous(),
+                    vocab=None if vocab is None else vocab.to(device))
+        if self.graph_mode == "compile":  # the compiled steps fold the weights in as constants
+            self.w = FrozenWeights.of(packed)
+            if self.adapter is not None:
+                self.a = FrozenWeights(**vars(self.a))
         self._allocate(1, max_len, max_draft_steps)
+
+    # the adapter's weights, as the engine's ops take them
+    a_input_norm = property(lambda self: self.a.input_norm)
+    a_qkv = property(lambda self: self.a.qkv)
+    a_o = property(lambda self: self.a.o)
+    a_norm = property(lambda self: self.a.norm)
+    draft_head = property(lambda self: self.a.head)
+    draft_vocab = property(lambda self: self.a.vocab)
 
     @property
     def max_len(self) -> int:
@@ -134,9 +162,14 @@ class Engine:
 
     def _graph_mode(self, graphs: bool | str | None) -> str:
         """"cuda", "eager" or "off" (see ``__init__``)."""
+        from .backend.inductor import InductorBackend
         from .backend.triton_backend import TritonBackend
 
         capturable = isinstance(self.ops, TritonBackend) and self.w.device.type == "cuda"
+        if isinstance(self.ops, InductorBackend) and graphs in (None, "compile"):
+            return "compile"
+        if graphs == "compile":
+            raise ValueError(f"graphs='compile' needs the inductor backend, not the {self.ops.name} backend")
         if graphs is None:
             return "cuda" if capturable else "off"
         if graphs is True:
@@ -148,7 +181,7 @@ class Engine:
             return "off"
         if graphs == "eager":
             return "eager"
-        raise ValueError(f"graphs={graphs!r} must be None, True, False or 'eager'")
+        raise ValueError(f"graphs={graphs!r} must be None, True, False, 'eager' or 'compile'")
 
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
         """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
@@ -159,8 +192,12 @@ class Engine:
         self._grow_draft_buffer(max_draft_steps)
 
     def _grow_draft_buffer(self, steps: int) -> None:
-        # graphs hold pointers into the caches and this buffer (``_allocate`` comes here too): new buffers, new graphs
+        # graphs hold pointers into the caches and this buffer (``_allocate`` comes here too): new buffers, new graphs;
+        # compiled steps read the engine's buffers afresh at each call and are kept (a compile takes long)
+        previous = getattr(self, "steps", None)
         self.steps = DecodeSteps(self, {"off": "plain"}.get(self.graph_mode, self.graph_mode))
+        if previous is not None and self.graph_mode == "compile":
+            self.steps.graphs = previous.graphs
         # zeros, not empty: a sequence with fewer drafts than the batch's longest leaves stale rows that verification
         # reads as padding, and they must be finite
         self.shallow_states = torch.zeros(self.cache.batch, steps + 1, self.cfg.hidden_size, dtype=self.w.dtype,
@@ -176,26 +213,28 @@ class Engine:
         return torch.tensor(pos, dtype=torch.int64, device=self.w.device) + offset
 
     # ---- model pieces ----------------------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, start: int | torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, start: int | torch.Tensor, first: int, stop: int,
+                end: int | None = None) -> torch.Tensor:
         """Run decoder layers first..stop-1 on x [B, T, H] at positions start..start+T-1, writing their caches.
 
         ``start`` is an int (one sequence), or a [B] int64 device tensor: per sequence in a batch, and the form the
-        triton backend takes inside a CUDA graph."""
+        triton backend takes inside a CUDA graph and compiled steps take on CPU; ``end`` the host's bound on the
+        keys attention reads (``TorchBackend.attention``)."""
         ops, c = self.ops, self.cfg
         for i in range(first, stop):
             w = self.w.layers[i]
             k_cache, v_cache = self.cache.layer(i)
             q = ops.qkv_rope_cache_write(x, w.input_norm, c.rms_norm_eps, w.w_qkv, w.b_qkv, self.cos, self.sin,
                                          k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
-            x = ops.linear_residual(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i]), w.w_o, x)
+            x = ops.linear_residual(ops.attention(q, k_cache, v_cache, start, c.layer_windows[i], end), w.w_o, x)
             x = ops.norm_mlp_residual(x, w.post_norm, c.rms_norm_eps, w.w_gate_up, w.w_down)
         return x
 
-    def _adapter(self, h: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    def _adapter(self, h: torch.Tensor, start: int | torch.Tensor, end: int | None = None) -> torch.Tensor:
         """The adapter block (before its final norm) on layer-l states h [B, T, H], writing its cache."""
         k_cache, v_cache = self.adapter_cache.layer(0)
         return adapter_block(self.ops, h, self.a_input_norm, self.a_qkv, self.a_o, self.cfg.rms_norm_eps, self.cos,
-                             self.sin, k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads)
+                             self.sin, k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads, end)
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.verify_head(x, self.w.final_norm, self.cfg.rms_norm_eps, self.w.lm_head)
@@ -370,6 +409,44 @@ class Engine:
             return "cache_full"
         return ""
 
+    # ---- compiling up front -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def warm_up(self, exit_layer: int | None, batch_sizes: tuple[int, ...] = (1,), sampling: bool = False) -> float:
+        """Compile every kind of decode step that generation at these batch sizes uses (drafting from
+        ``exit_layer`` with the adapter when there is one; the deep steps too with ``sampling``), so that no compile
+        falls inside a timed or interactive call; returns the seconds it took (0 unless the steps are compiled).
+        The caches are reset afterwards."""
+        if self.graph_mode != "compile":
+            return 0.0
+        start = time.perf_counter()
+        drafting = exit_layer is not None and self.adapter is not None
+        for bsz in sorted(set(batch_sizes)):
+            if bsz > self.cache.batch:
+                self._allocate(bsz, self.max_len, self.shallow_states.shape[1] - 1)
+            self._reset(bsz)
+            pos = [8 + r for r in range(bsz)]  # past 1: a size of 1 would compile apart
+            for t in (1, 2) if drafting else (1,):
+                tokens = torch.zeros(bsz, t, dtype=torch.int64, device=self.w.device)
+                first = exit_layer if drafting else 0
+                states = self.steps.shallow(tokens, pos, exit_layer, True)[0] if drafting else \
+                    self.ops.embed(tokens, self.w.embed)
+                self.steps.verify(states, tokens[:, 1:], pos, first)
+                if sampling:
+                    self.steps.deep(states, pos, first)
+            if drafting:
+                self.steps.head(self.newest[:bsz])
+                vanilla = self.ops.embed(torch.zeros(bsz, 1, dtype=torch.int64, device=self.w.device), self.w.embed)
+                self.steps.verify(vanilla, vanilla.new_zeros(bsz, 0, dtype=torch.int64), pos, 0)
+                if sampling:
+                    self.steps.deep(vanilla, pos, 0)
+        self._reset(1)
+        return time.perf_counter() - start
+
+    def _reset(self, active: int) -> None:
+        self.cache.reset(active)
+        if self.adapter is not None:
+            self.adapter_cache.reset(active)
+
     # ---- the loop --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, settings: DecodeSettings, eos: set[int], speculate: bool = True,
@@ -427,9 +504,7 @@ class Engine:
             self._allocate(batch, self.max_len, settings.max_draft_steps)
         if drafter is not None and settings.max_draft_steps + 1 > self.shallow_states.shape[1]:
             self._grow_draft_buffer(settings.max_draft_steps)
-        self.cache.reset(batch)
-        if self.adapter is not None:
-            self.adapter_cache.reset(batch)
+        self._reset(batch)
         start = time.perf_counter()
         padded = torch.zeros(batch, max(lengths), dtype=torch.int64, device=self.w.device)
         for b, p in enumerate(prompts):

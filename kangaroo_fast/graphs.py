@@ -1,4 +1,4 @@
-"""The decode steps over the engine's static KV cache: plain calls, or CUDA graphs captured once and replayed.
+"""The decode steps over the engine's static KV cache: plain calls, CUDA graphs captured once and replayed, or compiled.
 
 Four steps make every round of every decode mode (``Engine._round``), each kept once per (kind, batch, new tokens,
 layers):
@@ -10,6 +10,14 @@ layers):
                                               -> targets [B, T], accepted length [B], bonus token [B]
                                                  (layers first..L-1, verification head; first = 0 is vanilla)
     deep     states [B, T, H], position [B]   -> deep states [B, T, H]     (layers first..L-1; for sampling)
+
+Mode "compile" (the inductor backend on CPU) runs each step as one ``torch.compile``d function (``CompiledStep``):
+Inductor fuses the small ops of a layer into C++ loops, and freezing folds the weights in as constants, packed for
+oneDNN's bf16 products. Positions come in as a [B] tensor and the keys' bound ``end`` as an int; batch, T and
+``end`` are symbolic, so a kind of step compiles at most four times (batch of one or more, T of one or more). The
+weights are read through ``FrozenWeights`` modules (freezing folds only module parameters). The compiled code is
+not cached on disk: the packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, so each
+process compiles again (about half a minute per kind of step for SmolLM2-135M on two cores).
 
 ``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
 a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
@@ -25,9 +33,12 @@ tokens, counted in ``DecodeSteps.syncs``.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 class StepGraph:
@@ -73,12 +84,66 @@ class StepGraph:
         return self.outputs
 
 
-class DecodeSteps:
-    """The shallow, head, verify and deep steps of ``engine``, plain or as replayable graphs (module docstring)."""
+class FrozenWeights(nn.Module):
+    """Tensors as parameters of one module (sharing their storage), so that a compiled step reads them as module
+    weights: Inductor's freezing folds only those into the compiled code (and prepacks bf16 products for oneDNN).
+    Tensors in lists become ``ModuleList`` entries of the same kind; other values stay plain attributes.
+    ``FrozenWeights.of(packed)`` reads like the ``PackedModel`` it wraps."""
 
-    MODES = ("plain", "eager", "cuda")
+    def __init__(self, **values):
+        super().__init__()
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value = nn.Parameter(value, requires_grad=False)
+            elif isinstance(value, list) and value and hasattr(value[0], "__dataclass_fields__"):
+                value = nn.ModuleList(FrozenWeights(**vars(item)) for item in value)
+            setattr(self, name, value)
+
+    @classmethod
+    def of(cls, packed) -> "FrozenWeights":
+        return cls(**vars(packed))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+
+class CompiledStep:
+    """``fn`` compiled by ``torch.compile`` into one step (Inductor; C++ on CPU), its bf16 weights frozen and
+    prepacked: the CPU counterpart of ``StepGraph``, with the same call. The inputs named in ``dynamic`` (Dynamo
+    source names, ``L['end']``, ``L['states']:1``) are compiled as symbolic from the first call, so one compiled
+    step serves every context length and every length of verification above one."""
+
+    OPTIONS = {"freezing": True}
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step"):
+        self.fn = torch.compile(fn, fullgraph=True, options=self.OPTIONS)
+        self.dynamic = ",".join(dynamic)
+        self.name = name
+        self.replays = 0
+
+    def __call__(self, **inputs) -> tuple[torch.Tensor, ...]:
+        if self.replays == 0:
+            print(f"kangaroo_fast: compiling the {self.name} step (once per process; up to a minute)",
+                  file=sys.stderr, flush=True)
+        self.replays += 1
+        # Dynamo reads freezing while tracing (module weights become constants), Inductor while compiling
+        with torch.compiler.config.patch(dynamic_sources=self.dynamic), torch._inductor.config.patch(self.OPTIONS):
+            return self.fn(**inputs)
+
+
+class DecodeSteps:
+    """The shallow, head, verify and deep steps of ``engine``: plain, replayable graphs or compiled (module
+    docstring)."""
+
+    MODES = ("plain", "eager", "cuda", "compile")
 
     def __init__(self, engine, mode: str = "plain"):
+        from .backend.inductor import InductorBackend
         from .backend.triton_backend import TritonBackend
 
         if mode not in self.MODES:
@@ -87,6 +152,10 @@ class DecodeSteps:
             raise ValueError(f"CUDA graphs run on the triton backend, not {type(engine.ops).__name__}")
         if mode == "cuda" and engine.w.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {engine.w.device}")
+        if mode == "compile" and not isinstance(engine.ops, InductorBackend):
+            raise ValueError(f"compiled steps run on the inductor backend, not {type(engine.ops).__name__}")
+        if mode == "compile":  # every kind of step is a closure of the same few functions: room for their variants
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.engine, self.mode = engine, mode
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.graphs: dict[tuple, StepGraph] = {}
@@ -97,27 +166,27 @@ class DecodeSteps:
         return self.mode == "cuda"
 
     # ---- the step functions ----------------------------------------------------------------------------------
-    def _shallow(self, tokens: torch.Tensor, position, stop: int, adapter: bool):
+    def _shallow(self, tokens: torch.Tensor, position, stop: int, adapter: bool, end: int | None = None):
         e = self.engine
-        h = e._layers(e.ops.embed(tokens, e.w.embed), position, 0, stop)
-        return h, (e._adapter(h, position) if adapter else None)
+        h = e._layers(e.ops.embed(tokens, e.w.embed), position, 0, stop, end)
+        return h, (e._adapter(h, position, end) if adapter else None)
 
     def _head(self, newest: torch.Tensor):
         e = self.engine
         token, prob, _keep = e.ops.draft_propose(newest, e.a_norm, e.cfg.rms_norm_eps, e.draft_head, e.draft_vocab)
         return token, prob
 
-    def _verify(self, states: torch.Tensor, drafts: torch.Tensor, position, first: int):
+    def _verify(self, states: torch.Tensor, drafts: torch.Tensor, position, first: int, end: int | None = None):
         e = self.engine
-        x = e._layers(states, position, first, e.cfg.num_layers)
+        x = e._layers(states, position, first, e.cfg.num_layers, end)
         if drafts.shape[1] == 0:  # nothing to accept: the targets' first column is the next token
             targets = e._targets(x)
             return targets, torch.zeros_like(targets[:, 0]), targets[:, 0]
         return e.ops.verify_accept(x, e.w.final_norm, e.cfg.rms_norm_eps, e.w.lm_head, drafts)
 
-    def _deep(self, states: torch.Tensor, position, first: int):
+    def _deep(self, states: torch.Tensor, position, first: int, end: int | None = None):
         e = self.engine
-        return (e._layers(states, position, first, e.cfg.num_layers),)
+        return (e._layers(states, position, first, e.cfg.num_layers, end),)
 
     # ---- calls -----------------------------------------------------------------------------------------------
     def _run(self, key: tuple, fn, inputs: dict[str, torch.Tensor], pos: list[int] | None):
@@ -127,6 +196,8 @@ class DecodeSteps:
             return fn(**inputs, **({} if pos is None else {"position": self.engine._starts(pos)}))
         if pos is not None:
             inputs["position"] = torch.tensor(pos, dtype=torch.int64, device=self.engine.w.device)
+        if self.mode == "compile":
+            return self._compiled(key, fn, inputs, pos)
         if key not in self.graphs:
             # warm-up and capture run the step for real: on the first inputs, so the cache slots they write are
             # the ones the replay below writes again with the same values
@@ -134,9 +205,37 @@ class DecodeSteps:
             self.graphs[key] = StepGraph(fn, static, self.pool, capture=self.capture)
         return self.graphs[key](**inputs)
 
+    def _compiled(self, key: tuple, fn, inputs: dict[str, torch.Tensor], pos: list[int] | None):
+        """``fn`` compiled: once for one sequence and once for batches, each once for T = 1 and once for longer T
+        (``key[1:3]``); the batch, T and the keys' bound ``end`` symbolic (a size of 1 is always its own compile)."""
+        bsz = key[1]
+        inputs = {name: value.contiguous() for name, value in inputs.items()}  # strides are guarded too
+        # Dynamo's names of the symbolic sizes, as regular expressions (L['end'], or kwargs['end'] through a wrapper):
+        # the batch of the inputs and of the caches' views (``StaticKVCache.layer``: made anew for each number of
+        # rows), the keys' bound, the new tokens
+        dynamic = [rf".*\['{name}'\]:0" for name in inputs] + [r".*\._views\[.*:0"] if bsz > 1 else []
+        if pos is not None:
+            t = key[2]
+            inputs["end"] = min(max(pos) + t, self.engine.max_len)
+            dynamic.append(r".*\['end'\]")
+            if t > 1:
+                dynamic += [rf".*\['{name}'\]:1" for name in inputs if name in ("tokens", "states", "drafts")]
+            key = (key[0], "B>1" if bsz > 1 else 1, "T>1" if t > 1 else 1) + key[3:]
+        else:
+            key = (key[0], "B>1" if bsz > 1 else 1) + key[2:]
+        if "drafts" in inputs:  # see _verify_padded
+            inputs["drafts"] = torch.nn.functional.pad(inputs["drafts"], (0, 1), value=-1)
+        if key not in self.graphs:
+            step = fn if "drafts" not in inputs else functools.partial(_verify_padded, fn)
+            what = {"shallow": "draft layers", "head": "draft head", "verify": "verification", "deep": "deep layers"}
+            name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
+                                                                          else "")
+            self.graphs[key] = CompiledStep(step, dynamic, name)
+        return self.graphs[key](**inputs)
+
     def shallow(self, tokens: torch.Tensor, pos: list[int], stop: int, adapter: bool):
         """Layers 0..stop-1 (and the adapter) on tokens [B, T] at positions pos[b].. -> (h, adapter outputs)."""
-        fn = lambda tokens, position: self._shallow(tokens, position, stop, adapter)  # noqa: E731
+        fn = lambda tokens, position, end=None: self._shallow(tokens, position, stop, adapter, end)  # noqa: E731
         return self._run(("shallow", *tokens.shape, stop, adapter), fn, {"tokens": tokens}, pos)
 
     def head(self, newest: torch.Tensor):
@@ -145,14 +244,22 @@ class DecodeSteps:
 
     def verify(self, states: torch.Tensor, drafts: torch.Tensor, pos: list[int], first: int):
         """Layers first..L-1 and the verification head -> (targets [B, T], accepted [B], bonus [B])."""
-        fn = lambda states, drafts, position: self._verify(states, drafts, position, first)  # noqa: E731
+        fn = lambda states, drafts, position, end=None: self._verify(states, drafts, position, first, end)  # noqa: E731
         return self._run(("verify", *states.shape[:2], first), fn, {"states": states, "drafts": drafts}, pos)
 
     def deep(self, states: torch.Tensor, pos: list[int], first: int) -> torch.Tensor:
         """Layers first..L-1 -> deep states [B, T, H] (sampling computes its distributions from them)."""
-        fn = lambda states, position: self._deep(states, position, first)  # noqa: E731
+        fn = lambda states, position, end=None: self._deep(states, position, first, end)  # noqa: E731
         return self._run(("deep", *states.shape[:2], first), fn, {"states": states}, pos)[0]
 
     @property
     def replays(self) -> int:
         return sum(g.replays for g in self.graphs.values())
+
+
+def _verify_padded(fn, states: torch.Tensor, drafts: torch.Tensor, position: torch.Tensor, end: int):
+    """A verify step on drafts padded by one column that no target equals (-1) to the width T of ``states``: the
+    same acceptance, and one symbolic size for both widths (a width of T - 1 would be 1 at T = 2, a size that
+    always compiles on its own, and compare with the targets by broadcasting)."""
+    torch._check(drafts.shape[1] == states.shape[1])
+    return fn(states=states, drafts=drafts, position=position, end=end)

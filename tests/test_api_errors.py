@@ -183,7 +183,7 @@ def test_model_of_wrong_type():
 
 
 def test_unknown_backend(hf):
-    with pytest.raises(ValueError, match="unknown backend 'cuda-graphs': choose one of onednn, torch, triton"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda-graphs': choose one of inductor, onednn, torch, triton"):
         kangaroo_fast.load(hf, backend="cuda-graphs")
 
 

@@ -22,7 +22,7 @@ def test_capture_refuses_the_reference_backend():
     with pytest.raises(ValueError, match="graphs=True needs the triton backend on a CUDA device, not the torch "
                                          "backend on cpu"):
         kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="torch", graphs=True)
-    with pytest.raises(ValueError, match="graphs='always' must be None, True, False or 'eager'"):
+    with pytest.raises(ValueError, match="graphs='always' must be None, True, False, 'eager' or 'compile'"):
         kangaroo_fast.load(model, backend="torch", graphs="always")
 
 

@@ -39,8 +39,8 @@ class TorchBackend:
         return cls.linear(F.silu(gate) * up, w_down)
 
     # ---- attention ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+    @classmethod
+    def rope_cache_write(cls, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, start: int | torch.Tensor, num_heads: int,
                          num_kv_heads: int) -> torch.Tensor:
         """Split a fused [B, T, (Hq + 2 Hkv) D] projection, rotate q and k, write k and v at positions
@@ -61,20 +61,28 @@ class TorchBackend:
             cos, sin = cos[:, None], sin[:, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        cls._write_cache(k, v, k_cache, v_cache, start)
+        return q
+
+    @staticmethod
+    def _write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     start: int | torch.Tensor) -> None:
+        """k, v [B, Hkv, T, D] into the caches at positions start..start+T-1 (per sequence with a [B] tensor;
+        positions at or beyond S_max are dropped)."""
+        bsz, _, t, _ = k.shape
         if isinstance(start, int):
             k_cache[:, :, start:start + t] = k
             v_cache[:, :, start:start + t] = v
-            return q
+            return
         positions = start[:, None] + torch.arange(t, device=start.device)  # [B, T]
         inside = positions < k_cache.shape[2]
         rows = torch.arange(bsz, device=start.device)[:, None].expand(bsz, t)[inside]
         k_cache[rows, :, positions[inside]] = k.transpose(1, 2)[inside]
         v_cache[rows, :, positions[inside]] = v.transpose(1, 2)[inside]
-        return q
 
     @staticmethod
     def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor,
-                  sliding_window: int | None = None) -> torch.Tensor:
+                  sliding_window: int | None = None, end: int | None = None) -> torch.Tensor:
         """Causal attention of T queries at positions start..start+T-1 over cache positions 0..start+T-1.
 
         q: [B, Hq, T, D]; caches [B, Hkv, S_max, D]; returns [B, T, Hq * D]. The causal offset comes from
@@ -82,9 +90,11 @@ class TorchBackend:
         ``start`` is an int for the whole batch or a [B] int64 tensor of per-sequence starts; then row b sees only
         its own keys j <= start[b] + i, so nothing beyond a sequence's own positions (padding) is attended to.
         Queries at or beyond S_max (padding, see ``rope_cache_write``) get unspecified finite outputs.
+        ``end``, with a tensor ``start``: the host's bound on the keys read, the batch's largest start + T (capped
+        at S_max); None: computed from ``start`` (one host sync). An int ``start`` implies it.
         """
         if not isinstance(start, int):
-            return TorchBackend._attention_per_sequence(q, k_cache, v_cache, start, sliding_window)
+            return TorchBackend._attention_per_sequence(q, k_cache, v_cache, start, sliding_window, end)
         bsz, hq, t, d = q.shape
         end = start + t
         k = k_cache[:, :, :end]
@@ -107,14 +117,15 @@ class TorchBackend:
 
     @staticmethod
     def _attention_per_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
-                                sliding_window: int | None) -> torch.Tensor:
+                                sliding_window: int | None, end: int | None = None) -> torch.Tensor:
         """``attention`` with a [B] tensor of starts: one boolean mask [B, 1, T, end] carries every row's offset.
 
-        The keys read stop at the batch's largest end (one host sync: the reference's only one per call)."""
+        The keys read stop at the batch's largest end: ``end`` as given, or found from ``start`` (one host sync:
+        the reference's only one per call)."""
         bsz, hq, t, d = q.shape
         s_max = k_cache.shape[2]
         q_pos = start[:, None] + torch.arange(t, device=q.device)  # [B, T]
-        end = min(int(q_pos.max()) + 1, s_max)
+        end = min(int(q_pos.max()) + 1 if end is None else end, s_max)
         q_pos = q_pos.clamp(max=end - 1)[:, :, None]  # padding queries past the cache see a full row, not none
         k_pos = torch.arange(end, device=q.device)[None, None, :]
         mask = k_pos <= q_pos

@@ -92,7 +92,8 @@ class TritonBackend(TorchBackend):
                        k_cache, v_cache)
         return q.transpose(1, 2)
 
-    def attention(self, q, k_cache, v_cache, start, sliding_window=None):
+    def attention(self, q, k_cache, v_cache, start, sliding_window=None, end=None):
+        """As the reference's; ``end`` is not needed (the kernel reads each sequence's own keys)."""
         from kangaroo_fast.kernels.decode_attention import decode_attention, decode_attention_workspace
 
         q = q.transpose(1, 2)  # [B, T, Hq, D], a view

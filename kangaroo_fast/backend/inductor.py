@@ -1,0 +1,81 @@
+"""The reference's ops in the form ``torch.compile`` turns into one fused C++ step on CPU (``graphs.py``, mode
+"compile"): the same maths, with static shapes inside a decode step.
+
+Two ops of the reference do not compile well, and change form here (the maths stays the reference's):
+- writing a sequence's new keys/values: the reference's slice assignment into a view of the [layers, B, Hkv, S, D]
+  buffer makes Inductor rewrite the whole buffer at every layer, and its per-sequence path indexes with a boolean
+  mask (a data-dependent shape); here one ``index_copy_`` (one sequence) or ``index_put_`` (a batch) writes every row at its own positions,
+  clamped into the cache
+  (padding past a sequence's room lands in the last slot, which no real position of a decoding sequence uses: a
+  sequence stops once its cache has one free slot left, ``Engine._stop_reason``);
+- attention with per-sequence starts reads keys up to ``end``, the bound the host passes in (no sync); one
+  sequence attends exactly as the reference does with an int start (no mask for one query).
+Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once, as
+``OneDNNBackend`` does by hand for the eager calls outside the steps (prefill, sampling's heads).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+
+from .onednn import OneDNNBackend
+from .torch_ref import TorchBackend
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_compiler_available() -> bool:
+    """A C++ compiler for Inductor's CPU code: $CXX, else g++, c++ or clang++ on the PATH."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(name) for name in names)
+
+
+class InductorBackend(OneDNNBackend):
+    name = "inductor"
+
+    def __init__(self):
+        super().__init__()
+        if not cpp_compiler_available():
+            raise RuntimeError("the inductor backend compiles C++ and found no compiler (set CXX, or install g++); "
+                               "use backend='onednn'")
+
+    @classmethod
+    def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return F.linear(x, weight, bias)
+        return super().linear(x, weight, bias)
+
+    @staticmethod
+    def _write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     start: int | torch.Tensor) -> None:
+        if isinstance(start, int):
+            TorchBackend._write_cache(k, v, k_cache, v_cache, start)
+            return
+        bsz, hkv, t, d = k.shape
+        positions = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=k_cache.shape[2] - 1)
+        if bsz == 1:
+            k_cache.index_copy_(2, positions[0], k)
+            v_cache.index_copy_(2, positions[0], v)
+            return
+        rows = torch.arange(bsz, device=start.device)[:, None, None]
+        heads = torch.arange(hkv, device=start.device)[None, :, None]
+        k_cache.index_put_((rows, heads, positions[:, None, :]), k)
+        v_cache.index_put_((rows, heads, positions[:, None, :]), v)
+
+    @staticmethod
+    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor,
+                  sliding_window: int | None = None, end: int | None = None) -> torch.Tensor:
+        bsz, hq, t, d = q.shape
+        if isinstance(start, int) or end is None or bsz > 1 or (sliding_window is not None and end > sliding_window):
+            return TorchBackend.attention(q, k_cache, v_cache, start, sliding_window, end)
+        # one sequence at a tensor position: the reference's int-start maths (end = start + T)
+        mask = None
+        if t > 1:
+            q_pos = start + torch.arange(t, device=q.device)
+            mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+                                             scale=d ** -0.5, enable_gqa=hq != k_cache.shape[1])
+        return out.transpose(1, 2).reshape(bsz, t, hq * d)

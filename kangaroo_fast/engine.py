@@ -600,10 +600,12 @@ class RoundDrafts:
     copied: list[int]          # drafts from proposals marked ``copied``
 
     @classmethod
-    def start(cls, last: list[int], pos: list[int], budget: list[int] | None) -> "RoundDrafts":
+    def start(cls, last: list[int], pos: list[int], budget: list[int] | None, ran: int = 0) -> "RoundDrafts":
+        """A round with no drafts yet; ``ran``: 1 where every row's newest token already ran through the shallow
+        layers (its keys written, its adapter output in ``Engine.newest``), as after the vLLM proposer's catch-up."""
         n = len(last)
         budget = [0] * n if budget is None else budget
-        return cls(list(last), list(pos), budget, [[] for _ in range(n)], [[] for _ in range(n)], [0] * n,
+        return cls(list(last), list(pos), budget, [[] for _ in range(n)], [[] for _ in range(n)], [ran] * n,
                    [k > 0 for k in budget], [0] * n)
 
     @property

@@ -225,8 +225,8 @@ class KangarooProposer:
         pos = [len(t) - 1 for t in contexts]
         budget = [max(0, min(self.k, self.max_model_len - len(t))) for t in contexts]
         lookups = [self._lookup(slot, t, h) for slot, (t, h) in enumerate(zip(contexts, held))]
-        rnd = RoundDrafts.start([int(t[-1]) for t in contexts], pos, budget)
-        rnd.ran = [1] * len(rows)  # the catch-up ran the newest token: the first head reads its adapter output
+        # the catch-up ran the newest token: the first head reads its adapter output
+        rnd = RoundDrafts.start([int(t[-1]) for t in contexts], pos, budget, ran=1)
         with self.times.timing("draft"):  # vLLM verifies: the drafts no head needed are not run here
             engine.draft(rnd, self._drafter(lookups), list(range(len(rows))), self.decode, self.eos, run_last=False)
         for slot, (i, tokens, d, ran) in enumerate(zip(rows, contexts, rnd.tokens, rnd.ran)):

@@ -117,8 +117,8 @@ def adapter_block(ops, hidden: torch.Tensor, input_norm: torch.Tensor, w_qkv: to
     """The adapter's maths before its final norm, once for every caller: hidden [B, T, H] (layer-l states at
     positions start..start+T-1) -> hidden + o(attention(rope(qkv(rms_norm(hidden))))), writing the new keys/values
     into the caches. ``ops`` is a backend (the engine's, or the reference for training); ``cos``/``sin`` are the
-    whole [S, D] tables in the activation dtype; ``start`` an int or per-sequence [B] tensor and ``end`` the keys' bound,
-    as the ops take them."""
+    whole [S, D] tables in the activation dtype; ``start`` an int or per-sequence [B] tensor and ``end`` the keys'
+    bound, as the ops take them."""
     q = ops.qkv_rope_cache_write(hidden, input_norm, eps, w_qkv, None, cos, sin, k_cache, v_cache, start, num_heads,
                                  num_kv_heads)
     return ops.linear_residual(ops.attention(q, k_cache, v_cache, start, end=end), w_o, hidden)

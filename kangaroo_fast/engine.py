@@ -161,7 +161,7 @@ class Engine:
         return self.cache.max_len
 
     def _graph_mode(self, graphs: bool | str | None) -> str:
-        """"cuda", "eager" or "off" (see ``__init__``)."""
+        """"cuda", "compile", "eager" or "off" (see ``__init__``)."""
         from .backend.inductor import InductorBackend
         from .backend.triton_backend import TritonBackend
 

@@ -5,7 +5,8 @@ The engine calls only the ops of a backend object; it never calls ``torch.nn.fun
 ``TritonBackend`` runs the same ops as fused Triton kernels; it is the default for models on a CUDA device when
 triton is installed. ``OneDNNBackend`` is the reference with its bf16 products on prepacked oneDNN weights: the
 default on CPU in float32. ``InductorBackend`` is the reference in the form ``torch.compile`` compiles into one C++
-decode step per kind (``graphs.py``): the default on CPU in bfloat16. It is imported on first use, so ``import kangaroo_fast`` needs no triton.
+decode step per kind (``graphs.py``): the default on CPU in bfloat16. They are imported on first use, so
+``import kangaroo_fast`` needs no triton.
 """
 from __future__ import annotations
 

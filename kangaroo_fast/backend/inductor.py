@@ -4,10 +4,10 @@
 Two ops of the reference do not compile well, and change form here (the maths stays the reference's):
 - writing a sequence's new keys/values: the reference's slice assignment into a view of the [layers, B, Hkv, S, D]
   buffer makes Inductor rewrite the whole buffer at every layer, and its per-sequence path indexes with a boolean
-  mask (a data-dependent shape); here one ``index_copy_`` (one sequence) or ``index_put_`` (a batch) writes every row at its own positions,
-  clamped into the cache
-  (padding past a sequence's room lands in the last slot, which no real position of a decoding sequence uses: a
-  sequence stops once its cache has one free slot left, ``Engine._stop_reason``);
+  mask (a data-dependent shape); here one ``index_copy_`` (one sequence) or ``index_put_`` (a batch) writes every
+  row at its own positions, clamped into the cache (padding past a sequence's room lands in the last slot, which no
+  real position of a decoding sequence uses: a sequence stops once its cache has one free slot left,
+  ``Engine._stop_reason``);
 - attention with per-sequence starts reads keys up to ``end``, the bound the host passes in (no sync); one
   sequence attends exactly as the reference does with an int start (no mask for one query).
 Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once, as

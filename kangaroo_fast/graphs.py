@@ -12,12 +12,14 @@ layers):
     deep     states [B, T, H], position [B]   -> deep states [B, T, H]     (layers first..L-1; for sampling)
 
 Mode "compile" (the inductor backend on CPU) runs each step as one ``torch.compile``d function (``CompiledStep``):
-Inductor fuses the small ops of a layer into C++ loops, and freezing folds the weights in as constants, packed for
-oneDNN's bf16 products. Positions come in as a [B] tensor and the keys' bound ``end`` as an int; batch, T and
-``end`` are symbolic, so a kind of step compiles at most four times (batch of one or more, T of one or more). The
-weights are read through ``FrozenWeights`` modules (freezing folds only module parameters). The compiled code is
-not cached on disk: the packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, so each
-process compiles again (about half a minute per kind of step for SmolLM2-135M on two cores).
+Inductor fuses the small ops of a layer into C++ loops. Positions come in as a [B] tensor and the keys' bound
+``end`` as an int; batch, T and ``end`` are symbolic, so a kind of step compiles at most four times (batch of one or
+more, T of one or more). Where this CPU has oneDNN's bf16 products (AVX512-BF16, AMX), freezing folds the weights in
+as constants packed for them; the weights are read through ``FrozenWeights`` modules (freezing folds only module
+parameters). Packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, and freezing turns
+the AOT graph cache off, so there each process compiles again (about half a minute per kind of step for
+SmolLM2-135M on two cores). Elsewhere (AVX2) there is nothing to pack, the steps compile without freezing, and both
+on-disk caches serve a second process (``compile_options``).
 
 ``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
 a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
@@ -112,28 +114,47 @@ class FrozenWeights(nn.Module):
         return self.embed.device
 
 
+def compile_options() -> dict[str, bool]:
+    """Inductor's options for the compiled steps: freezing (weights folded in, bf16 products on packed oneDNN
+    weights) where this CPU has oneDNN's bf16 products; elsewhere no freezing, which leaves nothing to pack and keeps
+    the compiled steps in Inductor's on-disk caches (a second process starts in seconds, not minutes)."""
+    from .backend.onednn import onednn_available
+
+    return {"freezing": onednn_available()}
+
+
 class CompiledStep:
     """``fn`` compiled by ``torch.compile`` into one step (Inductor; C++ on CPU), its bf16 weights frozen and
-    prepacked: the CPU counterpart of ``StepGraph``, with the same call. The inputs named in ``dynamic`` (Dynamo
+    prepacked where oneDNN has bf16 products here (``compile_options``): the CPU counterpart of ``StepGraph``, with the same call. The inputs named in ``dynamic`` (Dynamo
     source names, ``L['end']``, ``L['states']:1``) are compiled as symbolic from the first call, so one compiled
     step serves every context length and every length of verification above one."""
 
-    OPTIONS = {"freezing": True}
-
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step"):
-        self.fn = torch.compile(fn, fullgraph=True, options=self.OPTIONS)
+        self.options = compile_options()
+        self.fn = torch.compile(fn, fullgraph=True, options=self.options)
         self.dynamic = ",".join(dynamic)
         self.name = name
         self.replays = 0
 
     def __call__(self, **inputs) -> tuple[torch.Tensor, ...]:
         if self.replays == 0:
-            print(f"kangaroo_fast: compiling the {self.name} step (once per process; up to a minute)",
-                  file=sys.stderr, flush=True)
+            when = "once per process" if self.options["freezing"] else "seconds when Inductor's on-disk cache has it"
+            print(f"kangaroo_fast: compiling the {self.name} step (up to a minute; {when})", file=sys.stderr,
+                  flush=True)
         self.replays += 1
         # Dynamo reads freezing while tracing (module weights become constants), Inductor while compiling
-        with torch.compiler.config.patch(dynamic_sources=self.dynamic), torch._inductor.config.patch(self.OPTIONS):
+        with torch.compiler.config.patch(dynamic_sources=self.dynamic), torch._inductor.config.patch(self.options):
             return self.fn(**inputs)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a fresh tensor of its shape. ``contiguous()`` is not enough: it keeps any stride of
+    a size-1 dimension (one row sliced from a batch buffer), and a compiled step guards on every stride."""
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= size
+    return x if x.stride() == tuple(reversed(strides)) else x.clone(memory_format=torch.contiguous_format)
 
 
 class DecodeSteps:
@@ -209,7 +230,7 @@ class DecodeSteps:
         """``fn`` compiled: once for one sequence and once for batches, each once for T = 1 and once for longer T
         (``key[1:3]``); the batch, T and the keys' bound ``end`` symbolic (a size of 1 is always its own compile)."""
         bsz = key[1]
-        inputs = {name: value.contiguous() for name, value in inputs.items()}  # strides are guarded too
+        inputs = {name: _dense(value) for name, value in inputs.items()}  # strides are guarded too
         # Dynamo's names of the symbolic sizes, as regular expressions (L['end'], or kwargs['end'] through a wrapper):
         # the batch of the inputs and of the caches' views (``StaticKVCache.layer``: made anew for each number of
         # rows), the keys' bound, the new tokens

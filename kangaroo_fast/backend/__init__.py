@@ -46,10 +46,11 @@ def get_backend(name: str = "torch"):
 
 
 def default_backend_name(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """'triton' for CUDA devices when triton is installed. On CPU: 'inductor' for bfloat16 where this torch has
-    oneDNN's packed linear and a C++ compiler is at hand (decode steps compiled by ``torch.compile``, about a
-    minute's compile per kind of step once per process); else 'onednn' where oneDNN's packed linear exists (its
-    bf16 products on packed weights; everything else, float32 included, is the reference's); else 'torch'."""
+    """'triton' for CUDA devices when triton is installed. On CPU: 'inductor' for bfloat16 where a C++ compiler is
+    at hand (decode steps compiled by ``torch.compile``, about a minute's compile per kind of step once per process;
+    products on oneDNN's packed weights where this CPU has them); else 'onednn' where oneDNN's packed bf16 linear
+    exists (its bf16 products on packed weights; everything else, float32 included, is the reference's); else
+    'torch'."""
     from .inductor import cpp_compiler_available
     from .onednn import onednn_available
     from .triton_backend import triton_available
@@ -57,9 +58,11 @@ def default_backend_name(device: torch.device | str, dtype: torch.dtype | None =
     kind = torch.device(device).type
     if kind == "cuda":
         return "triton" if triton_available() else "torch"
-    if kind != "cpu" or not onednn_available():
+    if kind != "cpu":
         return "torch"
-    return "inductor" if dtype == torch.bfloat16 and cpp_compiler_available() else "onednn"
+    if dtype == torch.bfloat16 and cpp_compiler_available():
+        return "inductor"
+    return "onednn" if onednn_available() else "torch"
 
 
 def resolve_backend(backend, device: torch.device | str, dtype: torch.dtype | None = None):

@@ -10,8 +10,10 @@ Two ops of the reference do not compile well, and change form here (the maths st
   ``Engine._stop_reason``);
 - attention with per-sequence starts reads keys up to ``end``, the bound the host passes in (no sync); one
   sequence attends exactly as the reference does with an int start (no mask for one query).
-Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once, as
-``OneDNNBackend`` does by hand for the eager calls outside the steps (prefill, sampling's heads).
+Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once
+where this CPU and torch build can (``onednn_available``), as ``OneDNNBackend`` does by hand for the eager calls
+outside the steps (prefill, sampling's heads). Where they cannot (an AVX2-only CPU has no bf16 oneDNN products),
+both are plain ``F.linear``: the steps still compile, with unpacked weights.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from .onednn import OneDNNBackend
+from .onednn import OneDNNBackend, onednn_available
 from .torch_ref import TorchBackend
 
 
@@ -37,14 +39,13 @@ class InductorBackend(OneDNNBackend):
     name = "inductor"
 
     def __init__(self):
-        super().__init__()
         if not cpp_compiler_available():
             raise RuntimeError("the inductor backend compiles C++ and found no compiler (set CXX, or install g++); "
                                "use backend='onednn'")
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not onednn_available():
             return F.linear(x, weight, bias)
         return super().linear(x, weight, bias)
 

@@ -1,0 +1,79 @@
+"""How the cost of a matrix product grows with its rows on this CPU: the embedded model's products (a layer's qkv,
+o, gate/up and down, and the LM head) timed at 1, 2, 4 and 8 rows, in bfloat16 and float32, eagerly through
+``F.linear`` (oneDNN's packed bf16 path too where this CPU has it).
+
+    python bench/linear_rows.py [--rows 1 2 4 8] [--repeats 30]
+
+A verification of T tokens runs every product at T rows. Speculation pays only where T rows cost much less than T
+single rows: on CPUs with bf16 dot products (AVX512-BF16, AMX) a product at 8 rows costs little more than at one,
+while on AVX2 torch's bf16 products cost about T times one row, so a verification costs about as many vanilla steps
+as it verifies tokens. Prints milliseconds per call, and each row count's cost over one row's; compare within one
+run only.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+def shapes() -> dict[str, tuple[int, int]]:
+    """(out, in) of the embedded SmolLM2-135M's products (its config, from the converted copy in the user cache)."""
+    from transformers import AutoConfig
+
+    from kangaroo_fast.models import default_model_dir
+
+    c = AutoConfig.from_pretrained(default_model_dir())
+    h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    qkv = h + 2 * c.num_key_value_heads * (h // c.num_attention_heads)
+    return {"qkv": (qkv, h), "o": (h, h), "gate/up": (2 * i, h), "down": (h, i), "LM head": (v, h)}
+
+
+def timings(rows: list[int], repeats: int) -> list[dict]:
+    from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available
+
+    paths = [("bfloat16", torch.bfloat16, F.linear), ("float32", torch.float32, F.linear)]
+    if onednn_available():
+        paths.insert(1, ("bfloat16 oneDNN packed", torch.bfloat16, OneDNNBackend.linear))
+    out = []
+    for name, (n_out, n_in) in shapes().items():
+        for label, dtype, linear in paths:
+            w = torch.randn(n_out, n_in, dtype=dtype) * n_in ** -0.5
+            ms = {}
+            for r in rows:
+                x = torch.randn(r, n_in, dtype=dtype)
+                ms[r] = _ms(lambda: linear(x, w), repeats)
+            out.append({"product": name, "shape": [n_out, n_in], "path": label, "ms": ms})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="row counts (default: 1 2 4 8)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per point (default: 30)")
+    args = parser.parse_args()
+    if sorted(set(args.rows)) != args.rows or args.rows[0] < 1:
+        parser.error(f"--rows must rise from 1 or more without repeats, not {args.rows}")
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    print("| product | path | " + " | ".join(f"{r} rows ms (x{args.rows[0]})" for r in args.rows) + " |")
+    print("|---|---|" + "---|" * len(args.rows))
+    with torch.no_grad():
+        for row in timings(args.rows, args.repeats):
+            base = row["ms"][args.rows[0]]
+            cells = [f"{ms:.3f} ({ms / base:.2f})" for ms in row["ms"].values()]
+            print(f"| {row['product']} {tuple(row['shape'])} | {row['path']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

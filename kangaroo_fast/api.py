@@ -246,8 +246,9 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     dtype/device: defaults are the fast dtype of the device (bfloat16 on CPUs with AVX512-BF16 and on CUDA).
     backend: "torch" (the reference), "onednn" (its bf16 products on prepacked oneDNN weights), "inductor" (decode
     steps compiled by ``torch.compile`` into C++ on CPU: a minute or so of compiling per kind of step, once per
-    process), "triton" (fused kernels), or None: triton on CUDA when installed; on CPU inductor in bfloat16 (onednn
-    where no C++ compiler is found) and onednn in float32 (see ``backend.default_backend_name``).
+    process), "triton" (fused kernels), or None: triton on CUDA when installed; on CPU inductor in bfloat16, and in
+    float32 (or without a C++ compiler) onednn where this CPU has oneDNN's bf16 products, else torch (see
+    ``backend.default_backend_name``).
     graphs: the decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA (and compiled
     steps with the inductor backend), False turns them off, True insists on them (see ``Engine``).
     """

@@ -13,19 +13,10 @@ run only.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
-
-
-def _ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1000
+from step_breakdown import _ms  # the same timing loop (bench/ is on the path when run as a script)
 
 
 def shapes() -> dict[str, tuple[int, int]]:

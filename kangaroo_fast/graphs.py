@@ -125,9 +125,10 @@ def compile_options() -> dict[str, bool]:
 
 class CompiledStep:
     """``fn`` compiled by ``torch.compile`` into one step (Inductor; C++ on CPU), its bf16 weights frozen and
-    prepacked where oneDNN has bf16 products here (``compile_options``): the CPU counterpart of ``StepGraph``, with the same call. The inputs named in ``dynamic`` (Dynamo
-    source names, ``L['end']``, ``L['states']:1``) are compiled as symbolic from the first call, so one compiled
-    step serves every context length and every length of verification above one."""
+    prepacked where oneDNN has bf16 products here (``compile_options``): the CPU counterpart of ``StepGraph``, with
+    the same call. The inputs named in ``dynamic`` (Dynamo source names, ``L['end']``, ``L['states']:1``) are
+    compiled as symbolic from the first call, so one compiled step serves every context length and every length of
+    verification above one."""
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step"):
         self.options = compile_options()

@@ -161,3 +161,12 @@ def test_second_process_reads_the_compiled_steps_from_disk(tmp_path):
     assert hits() == [0, 0]
     fx, aot = hits()
     assert aot >= 1 and fx >= 1
+
+
+def test_no_compiler_error_names_the_eager_backend(monkeypatch):
+    import kangaroo_fast.backend.inductor as inductor
+
+    monkeypatch.setattr(inductor, "cpp_compiler_available", lambda: False)
+    eager = "onednn" if onednn_available() else "torch"
+    with pytest.raises(RuntimeError, match=f"found no compiler .*use backend='{eager}'"):
+        InductorBackend()

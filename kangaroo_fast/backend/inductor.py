@@ -40,8 +40,9 @@ class InductorBackend(OneDNNBackend):
 
     def __init__(self):
         if not cpp_compiler_available():
+            eager = "onednn" if onednn_available() else "torch"
             raise RuntimeError("the inductor backend compiles C++ and found no compiler (set CXX, or install g++); "
-                               "use backend='onednn'")
+                               f"use backend={eager!r}")
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 calls alone, each timed on the engine's own backend and cache (batch 1, bfloat16 by default).
 
     python bench/step_breakdown.py [--context 300] [--repeats 80] [--dtype bfloat16] [--backend onednn inductor]
+                                   [--cache-dtype default model float32]
 
 Prints milliseconds per step, per backend, for: the vanilla step (all layers and the LM head, as the engine runs it
 without drafting), its products alone (every layer's qkv, o, gate/up and down, and the LM head, through
@@ -10,7 +11,8 @@ layer, through ``ops.attention``), and the rest (the difference: norms, RoPE, ca
 then the draft step (layers 0..l-1, the adapter and the draft head, as the engine's drafting runs them) against its
 own products (those layers', the adapter's and the draft head's). With the inductor backend the steps are the
 compiled ones (compiled before the timing). A diagnostic for issue 13's "a draft step within 1.3x the time of its
-matrix products"; compare ratios from one run only.
+matrix products"; compare ratios from one run only. ``--cache-dtype`` times each backend with its KV caches in the
+backend's choice (``default``: ``cache_dtype``), the model's dtype, or float32.
 """
 from __future__ import annotations
 
@@ -29,12 +31,18 @@ def _ms(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None) -> dict[str, float]:
+def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None,
+              cache_dtype: str = "default") -> dict[str, float]:
     import kangaroo_fast as kf
+    from kangaroo_fast.backend import default_backend_name, get_backend
     from kangaroo_fast.config import DecodeSettings
     from kangaroo_fast.engine import RoundDrafts
 
-    model = kf.load(dtype=getattr(torch, dtype), backend=backend)
+    ops = get_backend(backend or default_backend_name("cpu", getattr(torch, dtype)))
+    if cache_dtype != "default":
+        forced = getattr(torch, dtype) if cache_dtype == "model" else getattr(torch, cache_dtype)
+        ops.cache_dtype = lambda _dtype, _device: forced
+    model = kf.load(dtype=getattr(torch, dtype), backend=ops)
     engine, c = model.engine, model.config
     ops, layers = engine.ops, engine.w.layers
     exit_layer = model.default_settings()["exit_layer"]
@@ -82,6 +90,7 @@ def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None
         if model.adapter is not None:
             times["draft step"] = _ms(draft_step, repeats)
             times["draft products"] = _ms(draft_products, repeats)
+    times["cache dtype"] = str(engine.cache.k.dtype).removeprefix("torch.")
     return times
 
 
@@ -92,13 +101,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(default: bfloat16)")
     parser.add_argument("--backend", nargs="+", default=[None],
                         help="backends to time one after the other (default: the device's default for the dtype)")
+    parser.add_argument("--cache-dtype", nargs="+", default=["default"], choices=["default", "model", "float32"],
+                        help="KV cache dtypes to time each backend with (default: the backend's choice)")
     args = parser.parse_args()
     for backend in args.backend:
-        times = breakdown(args.context, args.repeats, args.dtype, backend)
-        print(f"-- backend {backend or 'default'}, context {args.context}, {args.dtype}")
-        for name, ms in times.items():
-            base = times["draft products"] if name.startswith("draft") else times["products"]
-            print(f"{name:>15}: {ms:6.2f} ms  ({ms / base:.2f}x the products)")
+        for cache_dtype in args.cache_dtype:
+            times = breakdown(args.context, args.repeats, args.dtype, backend, cache_dtype)
+            cached = times.pop("cache dtype")
+            print(f"-- backend {backend or 'default'}, context {args.context}, {args.dtype}, KV cache {cached}")
+            for name, ms in times.items():
+                base = times["draft products"] if name.startswith("draft") else times["products"]
+                print(f"{name:>15}: {ms:6.2f} ms  ({ms / base:.2f}x the products)")
 
 
 if __name__ == "__main__":

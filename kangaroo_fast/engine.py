@@ -28,7 +28,7 @@ reference backend's per-sequence attention adds one per call, which costs nothin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -142,11 +142,33 @@ class Engine:
                     norm=adapter.norm.detach().to(device, dtype),
                     head=adapter.head_weight(packed.lm_head).to(device, dtype).contiguous(),
                     vocab=None if vocab is None else vocab.to(device))
+        self._wide = self._widened(packed, self.ops.product_dtype(dtype, device))
         if self.graph_mode == "compile":  # the compiled steps fold the weights in as constants
             self.w = FrozenWeights.of(packed)
             if self.adapter is not None:
                 self.a = FrozenWeights(**vars(self.a))
+            if self._wide is not None:
+                self._wide = (FrozenWeights.of(self._wide[0]),
+                              None if self.adapter is None else FrozenWeights(**vars(self._wide[1])))
         self._allocate(1, max_len, max_draft_steps)
+
+    def _widened(self, packed: PackedModel, products: torch.dtype) -> tuple | None:
+        """Copies of the products' weights (the model's, the adapter's) in ``products`` where the backend widens
+        them (``product_dtype``: float32 for bf16 on a CPU without bf16 products), else None. They serve the
+        products of more than one row (``_weights``); one-row products, memory-bound, read the narrower weights."""
+        if products == packed.dtype:
+            return None
+        a = None
+        if self.adapter is not None:
+            a = replace(self.a, qkv=self.a.qkv.to(products), o=self.a.o.to(products), head=self.a.head.to(products))
+        return packed.with_products_in(products), a
+
+    def _weights(self, x: torch.Tensor) -> tuple:
+        """(model weights, adapter weights) for products over the rows of x [..., H]: the widened copies
+        (``_widened``) for more than one row, else the model's own."""
+        if self._wide is not None and x.numel() > x.shape[-1]:
+            return self._wide
+        return self.w, getattr(self, "a", None)
 
     # the adapter's weights, as the engine's ops take them
     a_input_norm = property(lambda self: self.a.input_norm)
@@ -185,7 +207,8 @@ class Engine:
 
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
         """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
-        c, dtype, device = self.cfg, self.w.dtype, self.w.device
+        c, device = self.cfg, self.w.device
+        dtype = self.ops.cache_dtype(self.w.dtype, device)
         self.cache = StaticKVCache(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         if self.adapter is not None:
             self.adapter_cache = StaticKVCache(1, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
@@ -221,8 +244,9 @@ class Engine:
         triton backend takes inside a CUDA graph and compiled steps take on CPU; ``end`` the host's bound on the
         keys attention reads (``TorchBackend.attention``)."""
         ops, c = self.ops, self.cfg
+        layers = self._weights(x)[0].layers
         for i in range(first, stop):
-            w = self.w.layers[i]
+            w = layers[i]
             k_cache, v_cache = self.cache.layer(i)
             q = ops.qkv_rope_cache_write(x, w.input_norm, c.rms_norm_eps, w.w_qkv, w.b_qkv, self.cos, self.sin,
                                          k_cache, v_cache, start, c.num_heads, c.num_kv_heads)
@@ -233,20 +257,21 @@ class Engine:
     def _adapter(self, h: torch.Tensor, start: int | torch.Tensor, end: int | None = None) -> torch.Tensor:
         """The adapter block (before its final norm) on layer-l states h [B, T, H], writing its cache."""
         k_cache, v_cache = self.adapter_cache.layer(0)
-        return adapter_block(self.ops, h, self.a_input_norm, self.a_qkv, self.a_o, self.cfg.rms_norm_eps, self.cos,
-                             self.sin, k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads, end)
+        a = self._weights(h)[1]
+        return adapter_block(self.ops, h, a.input_norm, a.qkv, a.o, self.cfg.rms_norm_eps, self.cos, self.sin,
+                             k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads, end)
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.verify_head(x, self.w.final_norm, self.cfg.rms_norm_eps, self.w.lm_head)
+        w = self._weights(x)[0]
+        return self.ops.verify_head(x, w.final_norm, self.cfg.rms_norm_eps, w.lm_head)
 
     # ---- sampling pieces (temperature > 0) -------------------------------------------------------------------
     def _propose_sampled(self, adapter_out: torch.Tensor, settings: DecodeSettings,
                          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From adapter outputs [B, H], draw draft tokens from the processed draft distributions q: (token ids [B], the raw distribution's
         top-1 probability [B] for the confidence stop, q over the full vocabulary [B, V])."""
-        c = self.cfg
-        logits = self.ops.linear(self.ops.rms_norm(adapter_out, self.a_norm, c.rms_norm_eps),
-                                 self.draft_head).float()
+        c, a = self.cfg, self._weights(adapter_out)[1]
+        logits = self.ops.linear(self.ops.rms_norm(adapter_out, a.norm, c.rms_norm_eps), a.head).float()
         confidence = logits.softmax(-1).amax(-1)
         q = target_probs(logits, settings)
         index = sample(q, generator)
@@ -258,7 +283,8 @@ class Engine:
 
     def _target_probs(self, x: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
         """Deep states [B, T, H] -> the full model's processed next-token distributions p [B, T, V]."""
-        logits = self.ops.linear(self.ops.rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head)
+        w = self._weights(x)[0]
+        logits = self.ops.linear(self.ops.rms_norm(x, w.final_norm, self.cfg.rms_norm_eps), w.lm_head)
         return target_probs(logits.float(), settings)
 
     def _next_tokens(self, x: torch.Tensor, settings: DecodeSettings,

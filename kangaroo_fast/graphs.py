@@ -18,8 +18,10 @@ more, T of one or more). Where this CPU has oneDNN's bf16 products (AVX512-BF16,
 as constants packed for them; the weights are read through ``FrozenWeights`` modules (freezing folds only module
 parameters). Packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, and freezing turns
 the AOT graph cache off, so there each process compiles again (about half a minute per kind of step for
-SmolLM2-135M on two cores). Elsewhere (AVX2) there is nothing to pack, the steps compile without freezing, and both
-on-disk caches serve a second process (``compile_options``).
+SmolLM2-135M on two cores). On a CPU without them (AVX2) a bf16 model's steps of several rows (verification of
+several tokens, batches) read float32 copies of the weights (``Engine._weights``), frozen and packed the same way;
+its one-row steps read the bf16 weights with nothing to pack, compile without freezing, and both on-disk caches serve
+them to a second process (``compile_options``).
 
 ``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
 a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
@@ -114,13 +116,16 @@ class FrozenWeights(nn.Module):
         return self.embed.device
 
 
-def compile_options() -> dict[str, bool]:
-    """Inductor's options for the compiled steps: freezing (weights folded in, bf16 products on packed oneDNN
-    weights) where this CPU has oneDNN's bf16 products; elsewhere no freezing, which leaves nothing to pack and keeps
-    the compiled steps in Inductor's on-disk caches (a second process starts in seconds, not minutes)."""
+def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
+    """Inductor's options for compiled steps whose products run in ``products``: freezing (weights folded in as
+    constants packed for oneDNN) where oneDNN has those products here (bf16: AVX512-BF16 or AMX; float32: any CPU
+    torch's oneDNN runs on); elsewhere no freezing, which leaves nothing to pack and keeps the compiled steps in
+    Inductor's on-disk caches (a second process starts in seconds, not minutes)."""
     from .backend.onednn import onednn_available
 
-    return {"freezing": onednn_available()}
+    if products == torch.bfloat16:
+        return {"freezing": onednn_available()}
+    return {"freezing": products == torch.float32 and torch.backends.mkldnn.is_available()}
 
 
 class CompiledStep:
@@ -130,8 +135,9 @@ class CompiledStep:
     compiled as symbolic from the first call, so one compiled step serves every context length and every length of
     verification above one."""
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step"):
-        self.options = compile_options()
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step",
+                 products: torch.dtype = torch.bfloat16):
+        self.options = compile_options(products)
         self.fn = torch.compile(fn, fullgraph=True, options=self.options)
         self.dynamic = ",".join(dynamic)
         self.name = name
@@ -195,7 +201,8 @@ class DecodeSteps:
 
     def _head(self, newest: torch.Tensor):
         e = self.engine
-        token, prob, _keep = e.ops.draft_propose(newest, e.a_norm, e.cfg.rms_norm_eps, e.draft_head, e.draft_vocab)
+        a = e._weights(newest)[1]
+        token, prob, _keep = e.ops.draft_propose(newest, a.norm, e.cfg.rms_norm_eps, a.head, a.vocab)
         return token, prob
 
     def _verify(self, states: torch.Tensor, drafts: torch.Tensor, position, first: int, end: int | None = None):
@@ -204,7 +211,8 @@ class DecodeSteps:
         if drafts.shape[1] == 0:  # nothing to accept: the targets' first column is the next token
             targets = e._targets(x)
             return targets, torch.zeros_like(targets[:, 0]), targets[:, 0]
-        return e.ops.verify_accept(x, e.w.final_norm, e.cfg.rms_norm_eps, e.w.lm_head, drafts)
+        w = e._weights(x)[0]
+        return e.ops.verify_accept(x, w.final_norm, e.cfg.rms_norm_eps, w.lm_head, drafts)
 
     def _deep(self, states: torch.Tensor, position, first: int, end: int | None = None):
         e = self.engine
@@ -252,7 +260,9 @@ class DecodeSteps:
             what = {"shallow": "draft layers", "head": "draft head", "verify": "verification", "deep": "deep layers"}
             name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
                                                                           else "")
-            self.graphs[key] = CompiledStep(step, dynamic, name)
+            rows = bsz > 1 or key[2:3] == ("T>1",)  # the step's products read the widened weights (``_weights``)
+            products = self.engine._wide[0] if rows and self.engine._wide is not None else self.engine.w
+            self.graphs[key] = CompiledStep(step, dynamic, name, products.lm_head.dtype)
         return self.graphs[key](**inputs)
 
     def shallow(self, tokens: torch.Tensor, pos: list[int], stop: int, adapter: bool):

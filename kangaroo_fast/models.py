@@ -10,7 +10,7 @@ import importlib.util
 import json
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,16 @@ class PackedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    def with_products_in(self, dtype: torch.dtype) -> "PackedModel":
+        """This model with the weights of its products (every layer's, and the LM head) in ``dtype``, copied where
+        that differs; the embedding, norms and RoPE tables stay as they are (``Engine``: widened products)."""
+        if self.lm_head.dtype == dtype:
+            return self
+        layers = [replace(w, w_qkv=w.w_qkv.to(dtype), b_qkv=None if w.b_qkv is None else w.b_qkv.to(dtype),
+                          w_o=w.w_o.to(dtype), w_gate_up=w.w_gate_up.to(dtype), w_down=w.w_down.to(dtype))
+                  for w in self.layers]
+        return replace(self, layers=layers, lm_head=self.lm_head.to(dtype))
 
     @property
     def device(self) -> torch.device:

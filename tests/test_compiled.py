@@ -135,7 +135,7 @@ sys.path.insert(0, sys.argv[1])
 import kangaroo_fast, kangaroo_fast.graphs as graphs
 from torch._dynamo.utils import counters
 from conftest import tiny_model
-graphs.compile_options = lambda: {"freezing": False}
+graphs.compile_options = lambda products=None: {"freezing": False}
 km = kangaroo_fast.load(tiny_model("llama", 13, num_hidden_layers=1), adapter=None, backend="inductor")
 km.warm_up()
 print(counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"])
@@ -143,7 +143,8 @@ print(counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autog
 
 
 def test_second_process_reads_the_compiled_steps_from_disk(tmp_path):
-    """Without freezing (``compile_options`` on CPUs with no oneDNN bf16 products) a second process takes its
+    """Without freezing (``compile_options`` where nothing is packed: one-row bf16 steps on an AVX2 CPU) a second
+    process takes its
     compiled steps from Inductor's on-disk caches, the AOT graph cache included (frozen graphs skip it)."""
     import os
     import subprocess
@@ -170,3 +171,26 @@ def test_no_compiler_error_names_the_eager_backend(monkeypatch):
     eager = "onednn" if onednn_available() else "torch"
     with pytest.raises(RuntimeError, match=f"found no compiler .*use backend='{eager}'"):
         InductorBackend()
+
+
+def test_compiled_bf16_without_bf16_products(monkeypatch):
+    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them): one-row steps read the
+    bf16 weights unfrozen (nothing to pack, so Inductor's on-disk caches keep them), steps of several rows read the
+    float32 copies, frozen and packed; Kangaroo emits the compiled vanilla decode."""
+    from kangaroo_fast.backend import onednn
+    from kangaroo_fast.config import DecodeSettings
+
+    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    model = tiny_model("llama", 12, num_hidden_layers=3).to(torch.bfloat16)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=8), backend="inductor", dtype=torch.bfloat16)
+    engine = km.engine
+    prompt = random_prompt(model.config.vocab_size, 11, 1200)
+    settings = DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=3, max_new_tokens=12)
+    vanilla, _ = engine.generate(prompt, settings, set(), speculate=False)
+    spec, stats = engine.generate(prompt, settings, set())
+    assert stats.draft_steps > 0 and spec == vanilla
+    steps = engine.steps.graphs
+    assert {key[0] for key in steps} == {"shallow", "head", "verify"}
+    for key, step in steps.items():
+        several = "T>1" in key or "B>1" in key
+        assert step.options["freezing"] == (several and torch.backends.mkldnn.is_available()), key

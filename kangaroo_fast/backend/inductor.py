@@ -13,7 +13,7 @@ Two ops of the reference do not compile well, and change form here (the maths st
 Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once
 where this CPU and torch build can (``onednn_available``), as ``OneDNNBackend`` does by hand for the eager calls
 outside the steps (prefill, sampling's heads). Where they cannot (an AVX2-only CPU has no bf16 oneDNN products),
-both are plain ``F.linear``: the steps still compile, with unpacked weights.
+a bf16 model's products run in float32 on widened weights (``product_dtype``), packed the same two ways.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from .onednn import OneDNNBackend, onednn_available
+from .onednn import OneDNNBackend, arithmetic_dtype, onednn_available
 from .torch_ref import TorchBackend
 
 
@@ -44,8 +44,21 @@ class InductorBackend(OneDNNBackend):
             raise RuntimeError("the inductor backend compiles C++ and found no compiler (set CXX, or install g++); "
                                f"use backend={eager!r}")
 
+    @staticmethod
+    def product_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+        """float32 for a bfloat16 model on a CPU without oneDNN's bf16 products (``onednn.arithmetic_dtype``): the
+        engine then holds its products' weights widened, and every product runs in float32 on them, packed for
+        oneDNN (by Inductor's freezing in the compiled steps, by ``OneDNNBackend._pack`` outside them)."""
+        return arithmetic_dtype(dtype, device)
+
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if weight.dtype != x.dtype:  # widened weights (``product_dtype``): a float32 product, rounded to x's dtype
+            if torch.compiler.is_compiling():
+                return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+            rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+            out = torch.ops.mkldnn._linear_pointwise(rows, cls._pack(weight), bias, "none", [None], "")
+            return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
         if torch.compiler.is_compiling() or not onednn_available():
             return F.linear(x, weight, bias)
         return super().linear(x, weight, bias)
@@ -57,6 +70,7 @@ class InductorBackend(OneDNNBackend):
             TorchBackend._write_cache(k, v, k_cache, v_cache, start)
             return
         bsz, hkv, t, d = k.shape
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         positions = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=k_cache.shape[2] - 1)
         if bsz == 1:
             k_cache.index_copy_(2, positions[0], k)
@@ -78,6 +92,6 @@ class InductorBackend(OneDNNBackend):
         if t > 1:
             q_pos = start + torch.arange(t, device=q.device)
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]
-        out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-                                             scale=d ** -0.5, enable_gqa=hq != k_cache.shape[1])
-        return out.transpose(1, 2).reshape(bsz, t, hq * d)
+        out = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache[:, :, :end], v_cache[:, :, :end],
+                                             attn_mask=mask, scale=d ** -0.5, enable_gqa=hq != k_cache.shape[1])
+        return out.to(q.dtype).transpose(1, 2).reshape(bsz, t, hq * d)

@@ -38,6 +38,19 @@ def onednn_available() -> bool:
     return bool(torch.allclose(out.float(), torch.full((1, 8), 16.0)))
 
 
+def arithmetic_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a ``dtype`` model's products and KV caches compute in on ``device`` on the CPU paths that widen
+    (``TorchBackend.cache_dtype``, ``InductorBackend.product_dtype``): float32 for bfloat16 on a CPU without oneDNN's
+    bf16 products (AVX2), else ``dtype``. There, measured on a 2-core AVX2 EPYC: a bf16 product converts its
+    weights for every row (a 4-row LM head costs 3x one row; a 300-row layer product 5-7x the same in float32) and
+    bf16 attention converts its keys at every step (3-4x float32 attention); the float32 ones read twice the bytes
+    but cost about the same per row at 1..8 rows once packed (``bench/linear_rows.py``). bf16 widens to float32
+    exactly, so the weights and cached keys hold the same numbers; products round to bf16 as a bf16 product does."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not onednn_available():
+        return torch.float32
+    return dtype
+
+
 class OneDNNBackend(TorchBackend):
     name = "onednn"
 

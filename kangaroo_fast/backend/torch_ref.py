@@ -13,6 +13,22 @@ import torch.nn.functional as F
 class TorchBackend:
     name = "torch"
 
+    @staticmethod
+    def cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+        """The dtype of the KV caches for a model in ``dtype`` on ``device``: float32 for bfloat16 on a CPU without
+        bf16 products (``onednn.arithmetic_dtype``: attention over float32 keys costs a third of attention over bf16
+        ones there), else ``dtype``. The attention's arithmetic is then float32 throughout, its output in the
+        queries' dtype."""
+        from .onednn import arithmetic_dtype
+
+        return arithmetic_dtype(dtype, device)
+
+    @staticmethod
+    def product_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+        """The dtype the engine holds the products' weights in for a model in ``dtype``: the reference keeps the
+        model's own (a faster backend may widen them, ``InductorBackend``)."""
+        return dtype
+
     # ---- elementwise and projections -------------------------------------------------------------------------
     @staticmethod
     def embed(token_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -70,6 +86,7 @@ class TorchBackend:
         """k, v [B, Hkv, T, D] into the caches at positions start..start+T-1 (per sequence with a [B] tensor;
         positions at or beyond S_max are dropped)."""
         bsz, _, t, _ = k.shape
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         if isinstance(start, int):
             k_cache[:, :, start:start + t] = k
             v_cache[:, :, start:start + t] = v
@@ -111,9 +128,9 @@ class TorchBackend:
             q_pos = torch.arange(start, end, device=q.device)[:, None]
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos
         # grouped K/V read in place (no copy per query group); the same products as repeating them, bit for bit
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=d ** -0.5,
+        out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal, scale=d ** -0.5,
                                              enable_gqa=hq != k.shape[1])
-        return out.transpose(1, 2).reshape(bsz, t, hq * d)
+        return out.to(q.dtype).transpose(1, 2).reshape(bsz, t, hq * d)
 
     @staticmethod
     def _attention_per_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor,
@@ -132,9 +149,9 @@ class TorchBackend:
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
         k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=d ** -0.5,
+        out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask[:, None], scale=d ** -0.5,
                                              enable_gqa=hq != k.shape[1])
-        return out.transpose(1, 2).reshape(bsz, t, hq * d)
+        return out.to(q.dtype).transpose(1, 2).reshape(bsz, t, hq * d)
 
     # ---- fused ops: compositions of the ops above here, one kernel each in the Triton backend --------------------
     @classmethod

@@ -40,6 +40,11 @@ class TritonBackend(TorchBackend):
         from kangaroo_fast import kernels  # noqa: F401  (imported here so that `import kangaroo_fast` needs no triton)
         self._workspaces: dict = {}
 
+    @staticmethod
+    def cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+        """The model's own dtype: the kernels read and write the caches in the activations' dtype."""
+        return dtype
+
     # ---- helpers -----------------------------------------------------------------------------------------------
     @staticmethod
     def _positions(start, batch: int, device) -> torch.Tensor:

@@ -94,7 +94,8 @@ class ShallowEngine(Engine):
         super().__init__(packed, backend, max_len, adapter, max_draft_steps, graphs=False)
 
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
-        c, dtype, device = self.cfg, self.w.dtype, self.w.device
+        c, device = self.cfg, self.w.device
+        dtype = self.ops.cache_dtype(self.w.dtype, device)
         batch = max(batch, self.batch)
         self.cache = StaticKVCache(self.exit_layer, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
         self.adapter_cache = StaticKVCache(1, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)

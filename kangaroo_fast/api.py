@@ -243,12 +243,15 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     model: a local HF directory, a loaded ``PreTrainedModel``, or None for the embedded SmolLM2-135M-Instruct.
     adapter: a directory in the official Kangaroo format, an ``Adapter``, or None (the shipped adapter for the
     embedded model; no adapter otherwise, which allows only ``speculate=False``).
-    dtype/device: defaults are the fast dtype of the device (bfloat16 on CPUs with AVX512-BF16 and on CUDA).
+    dtype/device: defaults are the fast dtype of the device (bfloat16 on CUDA, on CPUs with AVX512-BF16 or AMX, and on
+    other CPUs where a C++ compiler lets the inductor backend compile; float32 otherwise: ``models.default_dtype``).
     backend: "torch" (the reference), "onednn" (its bf16 products on prepacked oneDNN weights), "inductor" (decode
     steps compiled by ``torch.compile`` into C++ on CPU: a minute or so of compiling per kind of step, once per
     process), "triton" (fused kernels), or None: triton on CUDA when installed; on CPU inductor in bfloat16, and in
     float32 (or without a C++ compiler) onednn where this CPU has oneDNN's bf16 products, else torch (see
-    ``backend.default_backend_name``).
+    ``backend.default_backend_name``). Without them (AVX2) a bf16 model's KV caches are float32 and, with inductor,
+    its products of several rows run on float32 copies of the weights (held up to three times: plain, packed
+    by Inductor, packed for the eager calls; about 0.5 GB each for SmolLM2-135M).
     graphs: the decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA (and compiled
     steps with the inductor backend), False turns them off, True insists on them (see ``Engine``).
     """

@@ -533,3 +533,18 @@ def test_step_breakdown_splits_a_step_into_products_attention_and_the_rest():
     assert set(times) == {"step", "products", "attention", "rest", "draft step", "draft products"}
     assert all(times[name] > 0 for name in ("step", "products", "attention", "draft step", "draft products"))
     assert times["rest"] == pytest.approx(times["step"] - times["products"] - times["attention"])
+
+
+def test_linear_rows_times_every_product_on_every_path():
+    """bench/linear_rows.py runs: each product of the embedded model on each path this CPU has, at each row count."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("linear_rows", ROOT / "bench" / "linear_rows.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = module.timings([1, 3], repeats=1)
+    assert {r["product"] for r in rows} == {"qkv", "o", "gate/up", "down", "LM head"}
+    assert len({r["path"] for r in rows}) == 3 and len(rows) == 15
+    assert all(set(r["ms"]) == {1, 3} and min(r["ms"].values()) > 0 for r in rows)

@@ -174,9 +174,10 @@ def test_no_compiler_error_names_the_eager_backend(monkeypatch):
 
 
 def test_compiled_bf16_without_bf16_products(monkeypatch):
-    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them): one-row steps read the
-    bf16 weights unfrozen (nothing to pack, so Inductor's on-disk caches keep them), steps of several rows read the
-    float32 copies, frozen and packed; Kangaroo emits the compiled vanilla decode."""
+    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them): the one-row steps read
+    the bf16 weights unfrozen (nothing to pack, so Inductor's on-disk caches keep them), the steps of several rows
+    the float32 copies, frozen and packed by Inductor; the eager calls (prefill) pack those copies once; Kangaroo
+    emits the compiled vanilla decode."""
     from kangaroo_fast.backend import onednn
     from kangaroo_fast.config import DecodeSettings
 
@@ -194,3 +195,10 @@ def test_compiled_bf16_without_bf16_products(monkeypatch):
     for key, step in steps.items():
         several = "T>1" in key or "B>1" in key
         assert step.options["freezing"] == (several and torch.backends.mkldnn.is_available()), key
+    wide, _a = engine._wide
+    products = [getattr(w, name) for w in wide.layers for name in ("w_qkv", "w_o", "w_gate_up", "w_down")]
+    keys = {(p.data_ptr(), tuple(p.shape), p.dtype, None) for p in products}
+    assert keys <= set(onednn.OneDNNBackend._packed)  # the prefill's products (every layer's) packed them
+    packs = onednn.OneDNNBackend.packs
+    assert engine.generate(prompt, settings, set())[0] == vanilla
+    assert onednn.OneDNNBackend.packs == packs  # and nothing is packed anew

@@ -168,3 +168,34 @@ def test_engine_widens_the_products_of_several_rows(without_bf16_products):
     spec, stats = engine.generate(prompt, settings, set())
     assert stats.draft_steps > 0 and spec == vanilla
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())  # HF's weights untouched
+
+
+def test_packed_copies_are_keyed_by_memory():
+    """A float32 copy packed once, reused through any tensor object over the same memory (a compiled step passes
+    a new one each call), packed again after an in-place change, and dropped with the weight."""
+    from kangaroo_fast.backend.onednn import OneDNNBackend, packed_linear
+
+    w, x = torch.randn(9, 17), _bf16((3, 17), 13)
+    packs = OneDNNBackend.packs
+    first = packed_linear(x, w, None)
+    assert OneDNNBackend.packs == packs + 1 and first.dtype == torch.bfloat16
+    assert torch.equal(packed_linear(x, w.detach(), None), first) and OneDNNBackend.packs == packs + 1
+    with torch.no_grad():
+        w.mul_(-1)
+    assert torch.equal(packed_linear(x, w, None), -first) and OneDNNBackend.packs == packs + 2
+    key = (w.data_ptr(), tuple(w.shape), w.dtype, None)
+    assert key in OneDNNBackend._packed
+    del w
+    assert key not in OneDNNBackend._packed
+
+
+@pytest.mark.parametrize("has_bf16,compiler,expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, torch.float32)])
+def test_default_cpu_dtype(monkeypatch, has_bf16, compiler, expected):
+    """bf16 on CPUs with bf16 products, and on others where the compiled, widened bf16 path exists."""
+    from kangaroo_fast import models
+    from kangaroo_fast.backend import inductor
+
+    monkeypatch.setattr(models, "_cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(inductor, "cpp_compiler_available", lambda: compiler)
+    assert models.default_dtype("cpu") == expected

@@ -24,7 +24,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from .onednn import OneDNNBackend, arithmetic_dtype, onednn_available
+from .onednn import OneDNNBackend, arithmetic_dtype, onednn_available, packed_linear
 from .torch_ref import TorchBackend
 
 
@@ -47,8 +47,9 @@ class InductorBackend(OneDNNBackend):
     @staticmethod
     def product_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
         """float32 for a bfloat16 model on a CPU without oneDNN's bf16 products (``onednn.arithmetic_dtype``): the
-        engine then holds its products' weights widened, and every product runs in float32 on them, packed for
-        oneDNN (by Inductor's freezing in the compiled steps, by ``OneDNNBackend._pack`` outside them)."""
+        engine then holds copies of its products' weights widened for the products of several rows
+        (``Engine._weights``), which run in float32 on them packed for oneDNN (by Inductor's freezing in the compiled
+        steps, by ``onednn.packed_linear`` outside them)."""
         return arithmetic_dtype(dtype, device)
 
     @classmethod
@@ -56,9 +57,7 @@ class InductorBackend(OneDNNBackend):
         if weight.dtype != x.dtype:  # widened weights (``product_dtype``): a float32 product, rounded to x's dtype
             if torch.compiler.is_compiling():
                 return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-            rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
-            out = torch.ops.mkldnn._linear_pointwise(rows, cls._pack(weight), bias, "none", [None], "")
-            return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+            return packed_linear(x, weight, bias)
         if torch.compiler.is_compiling() or not onednn_available():
             return F.linear(x, weight, bias)
         return super().linear(x, weight, bias)

@@ -131,8 +131,8 @@ def _cpu_has_bf16() -> bool:
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX) and on other
     CPUs where the inductor backend can compile (a C++ compiler), whose bf16 path widens what bf16 would make slow
-    there (``onednn.arithmetic_dtype``): measured on a 2-core AVX2 EPYC, vanilla decoding 28.2 tokens/s in bf16
-    against 10.8 in float32 (six tune prompts, one process); else float16 on older GPUs and float32 on CPUs."""
+    there (``onednn.arithmetic_dtype``): on a 2-core AVX2 EPYC vanilla decoding ran 34.7 tokens/s in bf16 against
+    13.7 in float32 (``bench/dtype_ab.py``, six tune prompts); else float16 on older GPUs and float32 on CPUs."""
     from .backend.inductor import cpp_compiler_available
 
     device = torch.device(device)

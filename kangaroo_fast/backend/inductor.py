@@ -13,7 +13,8 @@ Two ops of the reference do not compile well, and change form here (the maths st
 Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once
 where this CPU and torch build can (``onednn_available``), as ``OneDNNBackend`` does by hand for the eager calls
 outside the steps (prefill, sampling's heads). Where they cannot (an AVX2-only CPU has no bf16 oneDNN products),
-a bf16 model's products run in float32 on widened weights (``product_dtype``), packed the same two ways.
+a bf16 model's products of several rows run in float32 on widened weights (``product_dtype``), packed the same
+two ways; its one-row products stay plain bf16 ``F.linear`` (memory-bound: half the bytes).
 """
 from __future__ import annotations
 

@@ -164,9 +164,13 @@ class Engine:
         return packed.with_products_in(products), a
 
     def _weights(self, x: torch.Tensor) -> tuple:
-        """(model weights, adapter weights) for products over the rows of x [..., H]: the widened copies
-        (``_widened``) for more than one row, else the model's own."""
-        if self._wide is not None and x.numel() > x.shape[-1]:
+        """(model weights, adapter weights) for products over the rows of x [..., H] (``_weights_for``)."""
+        return self._weights_for(several_rows=x.numel() > x.shape[-1])
+
+    def _weights_for(self, several_rows: bool) -> tuple:
+        """(model weights, adapter weights): the widened copies (``_widened``) for products of several rows, else
+        the model's own."""
+        if self._wide is not None and several_rows:
             return self._wide
         return self.w, getattr(self, "a", None)
 

@@ -260,9 +260,8 @@ class DecodeSteps:
             what = {"shallow": "draft layers", "head": "draft head", "verify": "verification", "deep": "deep layers"}
             name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
                                                                           else "")
-            rows = bsz > 1 or key[2:3] == ("T>1",)  # the step's products read the widened weights (``_weights``)
-            products = self.engine._wide[0] if rows and self.engine._wide is not None else self.engine.w
-            self.graphs[key] = CompiledStep(step, dynamic, name, products.lm_head.dtype)
+            weights = self.engine._weights_for(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0]
+            self.graphs[key] = CompiledStep(step, dynamic, name, weights.lm_head.dtype)
         return self.graphs[key](**inputs)
 
     def shallow(self, tokens: torch.Tensor, pos: list[int], stop: int, adapter: bool):

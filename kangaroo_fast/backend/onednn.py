@@ -54,10 +54,11 @@ def arithmetic_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
 class OneDNNBackend(TorchBackend):
     name = "onednn"
 
-    # (address, shape, dtype, rows it is laid out for) of a weight -> (weak reference to the tensor first packed there, its version counter
-    # when packed, packed weight); shared by every instance (the reference's ops are classmethods): a weight is packed
-    # once however many engines use it, and its packed copy goes when the weight does. Keyed by memory, not by the
-    # Python object: a compiled step hands ``packed_linear`` another tensor object over the same memory each call
+    # (address, shape, dtype, rows it is laid out for) of a weight -> (weak reference to the tensor first packed
+    # there, its version counter when packed, packed weight); shared by every instance (the reference's ops are
+    # classmethods): a weight is packed once however many engines use it, and its packed copy goes when the weight
+    # does. Keyed by memory, not by the Python object, so one weight reached through several tensor objects (a
+    # ``FrozenWeights`` parameter and the tensor it wraps, a detached view) is packed once
     _packed: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
     packs = 0  # weights packed so far (tests check that steps reuse the packed copies)
 

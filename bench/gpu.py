@@ -166,8 +166,7 @@ def time_steps(rows: list[dict], dtype: torch.dtype, context: int, peak_gbs: flo
         drafts = torch.full((1, t - 1), 11, dtype=torch.int64, device=device)
 
         def draft(steps=steps):  # one draft step: the shallow layers and the adapter on one token, then the head
-            _h, out = steps.shallow(token, [context], l, True)
-            return steps.head(out[:, -1])
+            return steps.draft(token, [context], l)
 
         run = {"draft": draft, "verify": lambda steps=steps: steps.verify(states, drafts, [context], l)}
         for row in rows:

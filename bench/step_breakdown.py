@@ -8,10 +8,12 @@ Prints milliseconds per step, per backend, for: the vanilla step (all layers and
 without drafting), its products alone (every layer's qkv, o, gate/up and down, and the LM head, through
 ``ops.linear`` on oneDNN's packed weights), its attention alone (one query over ``context`` cached positions per
 layer, through ``ops.attention``), and the rest (the difference: norms, RoPE, cache writes, residuals, dispatch);
-then the draft step (layers 0..l-1, the adapter and the draft head, as the engine's drafting runs them) against its
-own products (those layers', the adapter's and the draft head's). With the inductor backend the steps are the
-compiled ones (compiled before the timing). A diagnostic for issue 13's "a draft step within 1.3x the time of its
-matrix products"; compare ratios from one run only. ``--cache-dtype`` times each backend with its KV caches in the
+then the draft step (layers 0..l-1, the adapter and the draft head in one step, as the engine's greedy drafting runs
+them: ``DecodeSteps.draft``) against its own products (those layers', the adapter's and the draft head's). With the
+inductor backend the steps are the compiled ones (compiled before the timing). Each time is the median of blocks
+interleaved with those it is compared to (the draft step's blocks hold four times ``--repeats`` calls in all);
+"draft 2 steps" is the same draft step run as the shallow step and then the head step. A diagnostic for issue 13's
+"a draft step within 1.3x the time of its matrix products"; compare ratios from one run only. ``--cache-dtype`` times each backend with its KV caches in the
 backend's choice (``default``: ``cache_dtype``), the model's dtype, or float32.
 """
 from __future__ import annotations
@@ -22,13 +24,26 @@ import time
 import torch
 
 
-def _ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1000
+def _ms(fn, repeats: int, blocks: int = 9) -> float:
+    """Milliseconds per call of ``fn`` (``_interleaved_ms`` of it alone)."""
+    return _interleaved_ms({"": fn}, repeats, blocks)[""]
+
+
+def _interleaved_ms(fns: dict, repeats: int, blocks: int = 9) -> dict[str, float]:
+    """Milliseconds per call of each of ``fns``: the median over ``blocks`` blocks of ``repeats / blocks`` calls,
+    the functions' blocks interleaved (a noisy machine's slow spells fall on all of them, and into few blocks)."""
+    per_block = max(1, repeats // blocks)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(per_block):
+                fn()
+            times[name].append((time.perf_counter() - start) / per_block * 1000)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None,
@@ -73,7 +88,10 @@ def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None
             k_cache, v_cache = engine.cache.layer(i)
             ops.attention(q, k_cache, v_cache, context, c.layer_windows[i])
 
-    def draft_step():
+    def draft_step():  # as a greedy draft step runs: one step (``DecodeSteps.draft``)
+        engine.steps.draft(token, [context], exit_layer)
+
+    def draft_two_steps():  # the same as two steps (how a draft step after a copied span runs)
         _h, out = engine.steps.shallow(token, [context], exit_layer, True)
         engine.steps.head(out[:, -1])
 
@@ -84,12 +102,11 @@ def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None
         ops.linear(x[:, 0], engine.draft_head)
 
     with torch.no_grad():
-        times = {"step": _ms(step, repeats), "products": _ms(products, repeats),
-                 "attention": _ms(attention, repeats)}
+        times = _interleaved_ms({"step": step, "products": products, "attention": attention}, repeats)
         times["rest"] = times["step"] - times["products"] - times["attention"]
         if model.adapter is not None:
-            times["draft step"] = _ms(draft_step, repeats)
-            times["draft products"] = _ms(draft_products, repeats)
+            times.update(_interleaved_ms({"draft step": draft_step, "draft 2 steps": draft_two_steps,
+                              "draft products": draft_products}, repeats * 4))
     times["cache dtype"] = str(engine.cache.k.dtype).removeprefix("torch.")
     return times
 

@@ -346,35 +346,52 @@ class Engine:
             if not computed:
                 if self.adapter is None:
                     raise ValueError("the drafter asked for the draft head, and this model has no adapter")
-                self._run_pending(rnd, settings.exit_layer, True)
-                newest = self.newest[:len(rnd.last)]
-                if settings.greedy:
-                    token, prob = self.steps.head(newest)
-                    computed.extend((token.tolist(), prob.tolist(), None))
-                else:
-                    token, prob, q = self._propose_sampled(newest, settings, generator)
-                    computed.extend((token.tolist(), prob.tolist(), q))
+                computed.extend(self._propose(rnd, settings, generator))
                 self.steps.syncs += 1
             tokens, probs, q = computed
             return HeadProposal(tokens[r], probs[r], None if q is None else q[r])
 
         return head
 
-    def _run_pending(self, rnd: "RoundDrafts", exit_layer: int, adapter: bool) -> None:
+    def _propose(self, rnd: "RoundDrafts", settings: DecodeSettings,
+                 generator: torch.Generator | None) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Every row's inputs not yet run, then the draft head on each row's newest -> (tokens, top-1
+        probabilities, q when sampling). Greedy, with one input pending in every row, both are one draft step
+        (``DecodeSteps.draft``)."""
+        if settings.greedy and all(len(rnd.pending(r)) == 1 for r in range(len(rnd.last))):
+            token, prob = self._run_pending(rnd, settings.exit_layer, True, head=True)
+            return token.tolist(), prob.tolist(), None
+        self._run_pending(rnd, settings.exit_layer, True)
+        newest = self.newest[:len(rnd.last)]
+        if settings.greedy:
+            token, prob = self.steps.head(newest)
+            return token.tolist(), prob.tolist(), None
+        token, prob, q = self._propose_sampled(newest, settings, generator)
+        return token.tolist(), prob.tolist(), q
+
+    def _run_pending(self, rnd: "RoundDrafts", exit_layer: int, adapter: bool,
+                     head: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One forward of layers 0..l-1 (and the adapter) over every row's inputs not yet run, each at its own
-        offset; their layer-l states go to ``shallow_states``, the newest adapter output to ``newest``."""
+        offset; their layer-l states go to ``shallow_states``, the newest adapter output to ``newest``. ``head``
+        (one input pending in every row): the draft step, returning the head's (token [B], probability [B]) on
+        each row's newest."""
         inputs = [rnd.pending(r) for r in range(len(rnd.last))]
         width = max(len(x) for x in inputs)
         if width == 0:
-            return
+            return None
         ids = torch.tensor([x + [0] * (width - len(x)) for x in inputs], dtype=torch.int64, device=self.w.device)
-        h, out = self.steps.shallow(ids, [p + k for p, k in zip(rnd.pos, rnd.ran)], exit_layer, adapter)
+        starts = [p + k for p, k in zip(rnd.pos, rnd.ran)]
+        if head:
+            h, out, token, prob = self.steps.draft(ids, starts, exit_layer)
+        else:
+            (h, out), token, prob = self.steps.shallow(ids, starts, exit_layer, adapter), None, None
         for r, x in enumerate(inputs):  # a row's padding (past its own inputs) is never kept
             if x:
                 self.shallow_states[r, rnd.ran[r]:rnd.ran[r] + len(x)] = h[r, :len(x)]
                 if out is not None:
                     self.newest[r] = out[r, len(x) - 1]
                 rnd.ran[r] += len(x)
+        return None if token is None else (token, prob)
 
     def verify(self, rnd: "RoundDrafts", first: int, settings: DecodeSettings,
                generator: torch.Generator | None = None) -> list[list[int]]:
@@ -460,10 +477,12 @@ class Engine:
                 first = exit_layer if drafting else 0
                 states = self.steps.shallow(tokens, pos, exit_layer, True)[0] if drafting else \
                     self.ops.embed(tokens, self.w.embed)
+                if drafting and t == 1:  # the greedy draft step (the shallow step alone: a round's last inputs)
+                    self.steps.draft(tokens, pos, exit_layer)
                 self.steps.verify(states, tokens[:, 1:], pos, first)
                 if sampling:
                     self.steps.deep(states, pos, first)
-            if drafting:
+            if drafting:  # the head apart: after a copied span, or rows with unlike numbers of inputs
                 self.steps.head(self.newest[:bsz])
                 vanilla = self.ops.embed(torch.zeros(bsz, 1, dtype=torch.int64, device=self.w.device), self.w.embed)
                 self.steps.verify(vanilla, vanilla.new_zeros(bsz, 0, dtype=torch.int64), pos, 0)

@@ -1,11 +1,13 @@
 """The decode steps over the engine's static KV cache: plain calls, CUDA graphs captured once and replayed, or compiled.
 
-Four steps make every round of every decode mode (``Engine._round``), each kept once per (kind, batch, new tokens,
+Five steps make every round of every decode mode (``Engine._round``), each kept once per (kind, batch, new tokens,
 layers):
 
     shallow  tokens [B, T], position [B]      -> layer-l states [B, T, H], adapter outputs [B, T, H] (or None)
                                                  (embedding, layers 0..l-1, the adapter where the drafter uses it)
     head     adapter outputs [B, H]           -> draft token [B], its probability [B]    (adapter norm, draft head)
+    draft    tokens [B, 1], position [B]      -> shallow's outputs and head's on them, in one step (a greedy
+                                                 draft step after one new token per row: most of them)
     verify   states [B, T, H], drafts [B, T-1], position [B]
                                               -> targets [B, T], accepted length [B], bonus token [B]
                                                  (layers first..L-1, verification head; first = 0 is vanilla)
@@ -37,8 +39,8 @@ tokens, counted in ``DecodeSteps.syncs``.
 """
 from __future__ import annotations
 
-import functools
 import sys
+import types
 from typing import Callable
 
 import torch
@@ -120,12 +122,35 @@ def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
     """Inductor's options for compiled steps whose products run in ``products``: freezing (weights folded in as
     constants packed for oneDNN) where oneDNN has those products here (bf16: AVX512-BF16 or AMX; float32: any CPU
     torch's oneDNN runs on); elsewhere no freezing, which leaves nothing to pack and keeps the compiled steps in
-    Inductor's on-disk caches (a second process starts in seconds, not minutes)."""
+    Inductor's on-disk caches (a second process starts in seconds, not minutes). Those cached steps get a C++
+    wrapper too (``cpp_wrapper``: the step's calls made from C++, not from generated Python; a draft step of the
+    embedded model 0.1-0.2 ms faster on a 2-core CPU, its cold compile about a third longer, paid once per
+    machine); frozen steps, compiled again in every process, keep the Python wrapper."""
     from .backend.onednn import onednn_available
 
     if products == torch.bfloat16:
-        return {"freezing": onednn_available()}
-    return {"freezing": products == torch.float32 and torch.backends.mkldnn.is_available()}
+        freezing = onednn_available()
+    else:
+        freezing = products == torch.float32 and torch.backends.mkldnn.is_available()
+    return {"freezing": freezing, "cpp_wrapper": not freezing}
+
+
+# The guards a compiled step keeps: those on what may differ between its calls. Its arguments' shapes, strides and
+# dtypes (tensor guards; the symbolic sizes' ranges), and the global state (grad mode and the like). Dropped (~0.2 ms
+# a call on a 2-core CPU): guards on the step's code, closure, configuration and module weights, fixed for its life
+# (``DecodeSteps`` keys them), and tensor guards on the engine's buffers it reaches through its closure (caches,
+# RoPE tables): their dtype, strides and sizes are the engine's for its life, but for the number of rows, which
+# ``DecodeSteps._compiled`` checks against the step's own.
+_KEPT_GUARDS = frozenset({"TENSOR_MATCH", "SHAPE_ENV", "DUPLICATE_INPUT", "GRAD_MODE", "GLOBAL_STATE",
+                          "DETERMINISTIC_ALGORITHMS", "TORCH_FUNCTION_STATE", "DEFAULT_DEVICE",
+                          "AUTOGRAD_SAVED_TENSORS_HOOKS"})
+
+
+def _kept_guards(entries, arguments: frozenset[str]) -> list[bool]:
+    """Dynamo's ``guard_filter_fn`` for a compiled step whose function takes ``arguments``: keep ``_KEPT_GUARDS``,
+    tensor guards on those arguments only."""
+    return [e.guard_type in _KEPT_GUARDS and (e.guard_type != "TENSOR_MATCH" or e.name in arguments)
+            for e in entries]
 
 
 class CompiledStep:
@@ -133,12 +158,17 @@ class CompiledStep:
     prepacked where oneDNN has bf16 products here (``compile_options``): the CPU counterpart of ``StepGraph``, with
     the same call. The inputs named in ``dynamic`` (Dynamo source names, ``L['end']``, ``L['states']:1``) are
     compiled as symbolic from the first call, so one compiled step serves every context length and every length of
-    verification above one."""
+    verification above one. Each step compiles its own copy of ``fn``'s code: Dynamo keeps its compiled entries per
+    code object, and steps sharing one would walk each other's guards at every call."""
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step",
                  products: torch.dtype = torch.bfloat16):
         self.options = compile_options(products)
-        self.fn = torch.compile(fn, fullgraph=True, options=self.options)
+        own = _own_code(fn)
+        code = getattr(own, "__func__", own).__code__
+        arguments = frozenset(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+        guards = lambda entries: _kept_guards(entries, arguments)  # noqa: E731
+        self.fn = torch.compile(own, fullgraph=True, options={**self.options, "guard_filter_fn": guards})
         self.dynamic = ",".join(dynamic)
         self.name = name
         self.replays = 0
@@ -149,9 +179,30 @@ class CompiledStep:
             print(f"kangaroo_fast: compiling the {self.name} step (up to a minute; {when})", file=sys.stderr,
                   flush=True)
         self.replays += 1
-        # Dynamo reads freezing while tracing (module weights become constants), Inductor while compiling
-        with torch.compiler.config.patch(dynamic_sources=self.dynamic), torch._inductor.config.patch(self.options):
+        # Dynamo reads the symbolic sources and freezing while tracing (module weights become constants), Inductor
+        # its options while compiling: set for each call (a guard may fail and recompile) and restored after. Plain
+        # attribute writes: ``config.patch`` costs ~25 us a call each.
+        dynamo, inductor = torch.compiler.config, torch._inductor.config
+        saved = dynamo.dynamic_sources, [(name, getattr(inductor, name)) for name in self.options]
+        dynamo.dynamic_sources = self.dynamic
+        for name, value in self.options.items():
+            setattr(inductor, name, value)
+        try:
             return self.fn(**inputs)
+        finally:
+            dynamo.dynamic_sources = saved[0]
+            for name, value in saved[1]:
+                setattr(inductor, name, value)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or a bound method; its arguments are what ``_kept_guards`` guards) on a fresh copy of its
+    code object."""
+    if isinstance(fn, types.MethodType):
+        return types.MethodType(_own_code(fn.__func__), fn.__self__)
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return own
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +250,10 @@ class DecodeSteps:
         h = e._layers(e.ops.embed(tokens, e.w.embed), position, 0, stop, end)
         return h, (e._adapter(h, position, end) if adapter else None)
 
+    def _draft(self, tokens: torch.Tensor, position, stop: int, end: int | None = None):
+        h, out = self._shallow(tokens, position, stop, True, end)
+        return (h, out, *self._head(out[:, -1]))
+
     def _head(self, newest: torch.Tensor):
         e = self.engine
         a = e._weights(newest)[1]
@@ -239,6 +294,8 @@ class DecodeSteps:
         """``fn`` compiled: once for one sequence and once for batches, each once for T = 1 and once for longer T
         (``key[1:3]``); the batch, T and the keys' bound ``end`` symbolic (a size of 1 is always its own compile)."""
         bsz = key[1]
+        if bsz != self.engine.cache.active:  # the caches' guards are dropped (``_kept_guards``): their rows, checked
+            raise RuntimeError(f"a step of {bsz} rows on caches of {self.engine.cache.active} active rows")
         inputs = {name: _dense(value) for name, value in inputs.items()}  # strides are guarded too
         # Dynamo's names of the symbolic sizes, as regular expressions (L['end'], or kwargs['end'] through a wrapper):
         # the batch of the inputs and of the caches' views (``StaticKVCache.layer``: made anew for each number of
@@ -256,8 +313,9 @@ class DecodeSteps:
         if "drafts" in inputs:  # see _verify_padded
             inputs["drafts"] = torch.nn.functional.pad(inputs["drafts"], (0, 1), value=-1)
         if key not in self.graphs:
-            step = fn if "drafts" not in inputs else functools.partial(_verify_padded, fn)
-            what = {"shallow": "draft layers", "head": "draft head", "verify": "verification", "deep": "deep layers"}
+            step = fn if "drafts" not in inputs else _verify_padded(fn)
+            what = {"shallow": "draft layers", "draft": "draft layers and head", "head": "draft head",
+                    "verify": "verification", "deep": "deep layers"}
             name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
                                                                           else "")
             weights = self.engine._weights_for(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0]
@@ -268,6 +326,14 @@ class DecodeSteps:
         """Layers 0..stop-1 (and the adapter) on tokens [B, T] at positions pos[b].. -> (h, adapter outputs)."""
         fn = lambda tokens, position, end=None: self._shallow(tokens, position, stop, adapter, end)  # noqa: E731
         return self._run(("shallow", *tokens.shape, stop, adapter), fn, {"tokens": tokens}, pos)
+
+    def draft(self, tokens: torch.Tensor, pos: list[int], stop: int):
+        """The draft step: ``shallow`` with the adapter on one new token per row [B, 1], then ``head`` on its adapter
+        output, as one step -> (h, adapter outputs, token [B], probability [B])."""
+        if tokens.shape[1] != 1:
+            raise ValueError(f"a draft step runs one new token per row, not {tokens.shape[1]}")
+        fn = lambda tokens, position, end=None: self._draft(tokens, position, stop, end)  # noqa: E731
+        return self._run(("draft", *tokens.shape, stop), fn, {"tokens": tokens}, pos)
 
     def head(self, newest: torch.Tensor):
         """The draft head on the adapter outputs [B, H] -> (token [B], probability [B]); needs no positions."""
@@ -288,9 +354,12 @@ class DecodeSteps:
         return sum(g.replays for g in self.graphs.values())
 
 
-def _verify_padded(fn, states: torch.Tensor, drafts: torch.Tensor, position: torch.Tensor, end: int):
+def _verify_padded(fn) -> Callable:
     """A verify step on drafts padded by one column that no target equals (-1) to the width T of ``states``: the
     same acceptance, and one symbolic size for both widths (a width of T - 1 would be 1 at T = 2, a size that
     always compiles on its own, and compare with the targets by broadcasting)."""
-    torch._check(drafts.shape[1] == states.shape[1])
-    return fn(states=states, drafts=drafts, position=position, end=end)
+    def step(states: torch.Tensor, drafts: torch.Tensor, position: torch.Tensor, end: int):
+        torch._check(drafts.shape[1] == states.shape[1])
+        return fn(states=states, drafts=drafts, position=position, end=end)
+
+    return step

@@ -9,7 +9,7 @@ import kangaroo_fast
 from kangaroo_fast.config import DecodeSettings
 from kangaroo_fast.graphs import DecodeSteps, StepGraph
 
-from conftest import early_exit_adapter, hf_greedy, make_layers_identity, random_prompt, tiny_model
+from conftest import early_exit_adapter, hf_greedy, make_layers_identity, random_adapter, random_prompt, tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,7 +64,7 @@ def test_eager_graph_loop_matches_hf_and_plain_loop(kind, threshold, steps):
         assert (tokens, stats.rounds, stats.drafted_at, stats.accepted_at) == (
             plain_tokens, plain_stats.rounds, plain_stats.drafted_at, plain_stats.accepted_at)
     steps = graphed.engine.steps
-    assert steps.replays > 0 and {key[0] for key in steps.graphs} == {"shallow", "head", "verify"}
+    assert steps.replays > 0 and {key[0] for key in steps.graphs} == {"shallow", "draft", "verify"}
     assert plain.engine.steps.mode == "plain" and not plain.engine.steps.graphs
 
 
@@ -80,10 +80,11 @@ def test_eager_graph_loop_counts_one_sync_per_draft_and_per_verify():
     steps = km.engine.steps
     verifies = sum(g.replays for key, g in steps.graphs.items() if key[0] == "verify")
     assert verifies == stats.rounds
-    # every round: k proposals (one head each, one sync each) after the shallow step of the input before them,
-    # plus one shallow step for the last draft's own state, then one verification (one sync)
-    assert steps.graphs[("shallow", 1, 1, 2, True)].replays == stats.draft_steps + stats.rounds
-    assert steps.graphs[("head", 1)].replays == stats.draft_steps
+    # every round: k proposals, each one draft step (the input before it through the shallow layers and the
+    # head; one sync each), plus one shallow step for the last draft's own state, then one verification (one sync)
+    assert steps.graphs[("draft", 1, 1, 2)].replays == stats.draft_steps
+    assert steps.graphs[("shallow", 1, 1, 2, True)].replays == stats.rounds
+    assert ("head", 1) not in steps.graphs
     assert steps.syncs == stats.draft_steps + stats.rounds
     assert stats.mean_accepted == 5.0  # all 4 drafts and the bonus, every round (25 tokens after the first)
 
@@ -125,12 +126,16 @@ def test_cuda_graph_replay_matches_eager_steps():
         eager_draft, eager_prob = steps._head(out[:, -1])
         assert torch.equal(draft, eager_draft)
         torch.testing.assert_close(prob, eager_prob)
+        step = [t.clone() for t in steps.draft(token, [position], 2)]  # the same inputs: one step
+        for a, b in zip(step, (h, out, draft, prob)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
         states = torch.cat([h, h], dim=1)
         drafts = draft[:, None]
         replayed = [t.clone() for t in steps.verify(states, drafts, [position], 2)]
         for a, b in zip(replayed, steps._verify(states, drafts, pos, 2)):
             assert torch.equal(a, b)
-    assert set(steps.graphs) == {("shallow", 1, 1, 2, True), ("head", 1), ("verify", 1, 2, 2)}
+    assert set(steps.graphs) == {("shallow", 1, 1, 2, True), ("head", 1), ("draft", 1, 1, 2),
+                                ("verify", 1, 2, 2)}
 
 
 @needs_cuda
@@ -150,3 +155,23 @@ def test_cuda_graph_decode_matches_hf_and_the_reference(threshold):
     steps = km.engine.steps
     assert all(g.graph is not None for g in steps.graphs.values())  # captured, not eager
     assert steps.replays > 0
+
+
+def test_draft_step_is_the_shallow_step_then_the_head():
+    """``DecodeSteps.draft`` (one step) gives what the shallow step and the head step give one after the other, on
+    the same inputs (exactly: the same ops), and takes one new token per row only."""
+    model = tiny_model("llama", 6)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=4), backend="torch", dtype=torch.float32)
+    engine = km.engine
+    steps = DecodeSteps(engine, "eager")
+    prompt = random_prompt(model.config.vocab_size, 11, 6)
+    for position in (11, 12):
+        engine._reset(1)
+        token = engine._targets(engine.prefill(prompt, [11], 2))
+        h, out = (t.clone() for t in steps.shallow(token, [position], 2, True))
+        draft, prob = (t.clone() for t in steps.head(out[:, -1]))
+        for a, b in zip(steps.draft(token, [position], 2), (h, out, draft, prob)):
+            assert torch.equal(a, b)
+    assert ("draft", 1, 1, 2) in steps.graphs
+    with pytest.raises(ValueError, match="a draft step runs one new token per row, not 2"):
+        steps.draft(torch.cat([token, token], 1), [11], 2)

@@ -144,9 +144,11 @@ def test_steps_that_copy_skip_the_draft_head(monkeypatch):
     km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=5))
     ids = _repeating_prompt(model.config.vocab_size, 4)
     calls = []
-    head = DecodeSteps.head
+    head, draft = DecodeSteps.head, DecodeSteps.draft
     monkeypatch.setattr(DecodeSteps, "head", lambda steps, newest: calls.append(1) or head(steps, newest))
+    monkeypatch.setattr(DecodeSteps, "draft", lambda steps, *a: calls.append(1) or draft(steps, *a))
     out = km.generate(ids, max_new_tokens=30, threshold=0.0, max_draft_steps=4, lookup=1)
     assert out.tokens == hf_greedy(model, ids, 30)
     assert out.stats.lookup_drafts > 0
-    assert len(calls) == out.stats.draft_steps - out.stats.lookup_drafts  # one sequence: a hit skips its step's head
+    # one sequence: a hit skips its step's head (run alone, or in the draft step)
+    assert len(calls) == out.stats.draft_steps - out.stats.lookup_drafts

@@ -136,8 +136,8 @@ def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
 
 
 # The guards a compiled step keeps: those on what may differ between its calls. Its arguments' shapes, strides and
-# dtypes (tensor guards; the symbolic sizes' ranges), and the global state (grad mode and the like). Dropped (~0.2 ms
-# a call on a 2-core CPU): guards on the step's code, closure, configuration and module weights, fixed for its life
+# dtypes (tensor guards; the symbolic sizes' ranges), and the global state (grad mode and the like). Dropped (0.1-0.3
+# ms a call of the embedded model's draft step in A/Bs on a 2-core CPU): guards on the step's code, closure, configuration and module weights, fixed for its life
 # (``DecodeSteps`` keys them), and tensor guards on the engine's buffers it reaches through its closure (caches,
 # RoPE tables): their dtype, strides and sizes are the engine's for its life, but for the number of rows, which
 # ``DecodeSteps._compiled`` checks against the step's own.

@@ -124,8 +124,8 @@ def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
     torch's oneDNN runs on); elsewhere no freezing, which leaves nothing to pack and keeps the compiled steps in
     Inductor's on-disk caches (a second process starts in seconds, not minutes). Those cached steps get a C++
     wrapper too (``cpp_wrapper``: the step's calls made from C++, not from generated Python; a draft step of the
-    embedded model 0.1-0.2 ms faster on a 2-core CPU, its cold compile about a third longer, paid once per
-    machine); frozen steps, compiled again in every process, keep the Python wrapper."""
+    embedded model 0.1-0.2 ms faster in an ad-hoc A/B on a 2-core CPU, its cold compile about a third longer, paid
+    once per machine); frozen steps, compiled again in every process, keep the Python wrapper."""
     from .backend.onednn import onednn_available
 
     if products == torch.bfloat16:
@@ -137,10 +137,10 @@ def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
 
 # The guards a compiled step keeps: those on what may differ between its calls. Its arguments' shapes, strides and
 # dtypes (tensor guards; the symbolic sizes' ranges), and the global state (grad mode and the like). Dropped (0.1-0.3
-# ms a call of the embedded model's draft step in A/Bs on a 2-core CPU): guards on the step's code, closure, configuration and module weights, fixed for its life
-# (``DecodeSteps`` keys them), and tensor guards on the engine's buffers it reaches through its closure (caches,
-# RoPE tables): their dtype, strides and sizes are the engine's for its life, but for the number of rows, which
-# ``DecodeSteps._compiled`` checks against the step's own.
+# ms a call of the embedded model's draft step in ad-hoc A/Bs on a 2-core CPU): guards on the step's code, closure,
+# configuration and module weights, fixed for its life (``DecodeSteps`` keys them), and tensor guards on the
+# engine's buffers it reaches through its closure (caches, RoPE tables): their dtype, strides and sizes are the
+# engine's for its life, but for the number of rows, which ``DecodeSteps._compiled`` checks against the step's own.
 _KEPT_GUARDS = frozenset({"TENSOR_MATCH", "SHAPE_ENV", "DUPLICATE_INPUT", "GRAD_MODE", "GLOBAL_STATE",
                           "DETERMINISTIC_ALGORITHMS", "TORCH_FUNCTION_STATE", "DEFAULT_DEVICE",
                           "AUTOGRAD_SAVED_TENSORS_HOOKS"})
@@ -297,7 +297,7 @@ class DecodeSteps:
         if bsz != self.engine.cache.active:  # the caches' guards are dropped (``_kept_guards``): their rows, checked
             raise RuntimeError(f"a step of {bsz} rows on caches of {self.engine.cache.active} active rows")
         inputs = {name: _dense(value) for name, value in inputs.items()}  # strides are guarded too
-        # Dynamo's names of the symbolic sizes, as regular expressions (L['end'], or kwargs['end'] through a wrapper):
+        # Dynamo's names of the symbolic sizes, as regular expressions (L['end']):
         # the batch of the inputs and of the caches' views (``StaticKVCache.layer``: made anew for each number of
         # rows), the keys' bound, the new tokens
         dynamic = [rf".*\['{name}'\]:0" for name in inputs] + [r".*\._views\[.*:0"] if bsz > 1 else []

@@ -20,10 +20,11 @@ more, T of one or more). Where this CPU has oneDNN's bf16 products (AVX512-BF16,
 as constants packed for them; the weights are read through ``FrozenWeights`` modules (freezing folds only module
 parameters). Packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, and freezing turns
 the AOT graph cache off, so there each process compiles again (about half a minute per kind of step for
-SmolLM2-135M on two cores). On a CPU without them (AVX2) a bf16 model's steps of several rows (verification of
-several tokens, batches) read float32 copies of the weights (``Engine._weights``), frozen and packed the same way;
-its one-row steps read the bf16 weights with nothing to pack, compile without freezing, and both on-disk caches serve
-them to a second process (``compile_options``).
+SmolLM2-135M on two cores). On a CPU without them (AVX2) a bf16 model's steps have nothing to pack: one-row
+products read the bf16 weights, those of several rows (verification of several tokens, batches) FBGEMM's float16
+copies through a registered op (``backend/fbgemm.py``); they compile without freezing, and both on-disk caches serve
+them to a second process (``compile_options``). Only where FBGEMM is missing too do the steps of several rows read
+float32 copies of the weights (``Engine._weights``), frozen and packed for oneDNN.
 
 ``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
 a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
@@ -181,17 +182,21 @@ class CompiledStep:
         self.replays += 1
         # Dynamo reads the symbolic sources and freezing while tracing (module weights become constants), Inductor
         # its options while compiling: set for each call (a guard may fail and recompile) and restored after. Plain
-        # attribute writes: ``config.patch`` costs ~25 us a call each.
-        dynamo, inductor = torch.compiler.config, torch._inductor.config
-        saved = dynamo.dynamic_sources, [(name, getattr(inductor, name)) for name in self.options]
-        dynamo.dynamic_sources = self.dynamic
+        # attribute writes: ``config.patch`` costs ~25 us a call each. Only the named sources are symbolic: Dynamo's
+        # automatic dynamic shapes would make any size symbolic that differs from an earlier compile of the same
+        # code, remembered by the code's file, line and name, which the steps of every engine share (a second
+        # model's head count came out symbolic, and attention refused it)
+        dynamo, automatic, inductor = torch.compiler.config, torch._dynamo.config, torch._inductor.config
+        saved = (dynamo.dynamic_sources, automatic.automatic_dynamic_shapes,
+                 [(name, getattr(inductor, name)) for name in self.options])
+        dynamo.dynamic_sources, automatic.automatic_dynamic_shapes = self.dynamic, False
         for name, value in self.options.items():
             setattr(inductor, name, value)
         try:
             return self.fn(**inputs)
         finally:
-            dynamo.dynamic_sources = saved[0]
-            for name, value in saved[1]:
+            dynamo.dynamic_sources, automatic.automatic_dynamic_shapes = saved[0], saved[1]
+            for name, value in saved[2]:
                 setattr(inductor, name, value)
 
 

@@ -16,8 +16,20 @@ if not torch.cuda.is_available():
 
 import kangaroo_fast
 from kangaroo_fast import Adapter, AdapterConfig, ModelConfig
+from kangaroo_fast.backend.inductor import InductorBackend
 
 KINDS = ("llama", "mistral", "qwen2")
+
+
+class WidenedProducts(InductorBackend):
+    """The inductor backend with a bf16 model's products of several rows on float32 copies where this CPU has no
+    bf16 products (the path for builds without FBGEMM), whatever FBGEMM offers here."""
+    fp16 = False
+
+
+class HalfProducts(InductorBackend):
+    """The inductor backend with a bf16 model's products of several rows on FBGEMM's float16 weights on any CPU."""
+    fp16 = True
 
 #: (atol, rtol) of a kernel's or a fast backend's output against the reference run in the same dtype: the one
 #: tolerance table. Both sides round to the dtype after their own fp32 accumulation, so they may differ by a few

@@ -13,7 +13,7 @@ from kangaroo_fast.backend.inductor import InductorBackend, cpp_compiler_availab
 from kangaroo_fast.backend.onednn import onednn_available
 from kangaroo_fast.graphs import CompiledStep
 
-from conftest import hf_greedy, random_adapter, random_prompt, tiny_model
+from conftest import WidenedProducts, hf_greedy, random_adapter, random_prompt, tiny_model
 
 pytestmark = pytest.mark.skipif(not cpp_compiler_available(), reason="the inductor backend needs a C++ compiler")
 
@@ -80,6 +80,18 @@ def test_one_compile_per_kind_of_step(case):
     assert counters["stats"]["unique_graphs"] == before
     # per batch of one or of more: shallow and verify for T of one and of more, vanilla's verify, draft, head
     assert len(km.engine.steps.graphs) == kinds <= 2 * (2 + 2 + 1 + 1 + 1)
+
+
+def test_models_of_other_shapes_compile_apart():
+    """Two models whose head counts differ, compiled in one process: each decodes as HF does. (Dynamo remembers the
+    sizes a code object was compiled for by its file, line and name, which both models' steps share; with its
+    automatic dynamic shapes on, the second model's head count came out symbolic and its compile failed.)"""
+    for kind in ("llama", "mistral"):  # 2 and 6 KV heads
+        model = tiny_model(kind, 21, num_hidden_layers=2)
+        ids = random_prompt(model.config.vocab_size, 6, 1400)
+        km = kangaroo_fast.load(model, backend="inductor")
+        out = km.generate(ids, max_new_tokens=8, speculate=False, eos_token_id=[])
+        assert out.tokens == hf_greedy(model, ids, 8, eos_token_id=[]), kind
 
 
 def test_dense_strides():
@@ -176,8 +188,8 @@ def test_no_compiler_error_names_the_eager_backend(monkeypatch):
 
 
 def test_compiled_bf16_without_bf16_products(monkeypatch):
-    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them): the one-row steps read
-    the bf16 weights unfrozen (nothing to pack, so Inductor's on-disk caches keep them), the steps of several rows
+    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them) nor FBGEMM's float16 ones
+    (``WidenedProducts``; FBGEMM's path: ``test_fbgemm.py``): the one-row steps read the bf16 weights unfrozen (nothing to pack, so Inductor's on-disk caches keep them), the steps of several rows
     the float32 copies, frozen and packed by Inductor; the eager calls (prefill) pack those copies once; Kangaroo
     emits the compiled vanilla decode."""
     from kangaroo_fast.backend import onednn
@@ -185,7 +197,8 @@ def test_compiled_bf16_without_bf16_products(monkeypatch):
 
     monkeypatch.setattr(onednn, "onednn_available", lambda: False)
     model = tiny_model("llama", 12, num_hidden_layers=3).to(torch.bfloat16)
-    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=8), backend="inductor", dtype=torch.bfloat16)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=8), backend=WidenedProducts(),
+                            dtype=torch.bfloat16)
     engine = km.engine
     prompt = random_prompt(model.config.vocab_size, 11, 1200)
     settings = DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=3, max_new_tokens=12)

@@ -3,8 +3,9 @@
 The rules (``TorchBackend.cache_dtype``, ``InductorBackend.product_dtype``); exact widening on every cache write
 (int and per-sequence starts, the reference's and the compiled steps' forms); attention over the wider caches and
 products on widened weights against the model's own dtype; and decoding with them: the engine's caches and weights
-follow its backend (one-row products on the model's weights, several rows on the widened copies), and Kangaroo
-still emits its own vanilla decode.
+follow its backend (one-row products on the model's weights, several rows on the widened copies: the path where
+FBGEMM's float16 products do not exist, forced here by ``WidenedProducts``), and Kangaroo still emits its own
+vanilla decode.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from kangaroo_fast.backend import onednn
 from kangaroo_fast.backend.inductor import InductorBackend, cpp_compiler_available
 from kangaroo_fast.config import DecodeSettings
 
-from conftest import TOLERANCES, early_exit_adapter, random_prompt, tiny_model
+from conftest import TOLERANCES, WidenedProducts, early_exit_adapter, random_prompt, tiny_model
 
 WRITERS = [TorchBackend._write_cache, InductorBackend._write_cache]
 
@@ -35,8 +36,8 @@ def test_the_rule(monkeypatch, has_bf16_products):
     assert TorchBackend.cache_dtype(torch.float16, "cpu") == torch.float16
     assert TorchBackend.cache_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16
     assert get_backend("torch").cache_dtype(torch.bfloat16, "cpu") == wide
-    assert InductorBackend.product_dtype(torch.bfloat16, "cpu") == wide
-    assert InductorBackend.product_dtype(torch.float32, "cpu") == torch.float32
+    assert WidenedProducts.product_dtype(torch.bfloat16, "cpu") == wide  # without FBGEMM's (``test_fbgemm.py``)
+    assert WidenedProducts.product_dtype(torch.float32, "cpu") == torch.float32
     assert TorchBackend.product_dtype(torch.bfloat16, "cpu") == torch.bfloat16  # the reference never widens
 
 
@@ -150,8 +151,8 @@ def without_bf16_products(monkeypatch):
 def test_engine_widens_the_products_of_several_rows(without_bf16_products):
     model = tiny_model("qwen2", 6).to(torch.bfloat16)  # qwen2: a bias in the qkv product
     before = {name: p.clone() for name, p in model.named_parameters()}
-    km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend="inductor", dtype=torch.bfloat16,
-                            graphs=False)
+    km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend=WidenedProducts(),
+                            dtype=torch.bfloat16, graphs=False)
     engine, h = km.engine, model.config.hidden_size
     wide_w, wide_a = engine._wide
     assert engine.w.lm_head.dtype == engine.a.head.dtype == torch.bfloat16

@@ -12,9 +12,11 @@ Two ops of the reference do not compile well, and change form here (the maths st
   sequence attends exactly as the reference does with an int start (no mask for one query).
 Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once
 where this CPU and torch build can (``onednn_available``), as ``OneDNNBackend`` does by hand for the eager calls
-outside the steps (prefill, sampling's heads). Where they cannot (an AVX2-only CPU has no bf16 oneDNN products),
-a bf16 model's products of several rows run in float32 on widened weights (``product_dtype``), packed the same
-two ways; its one-row products stay plain bf16 ``F.linear`` (memory-bound: half the bytes).
+outside the steps (prefill, sampling's heads). Where they cannot (an AVX2-only CPU has no bf16 oneDNN products), a
+bf16 model's products of several rows (prefill, verification of several tokens, batches) run on FBGEMM's float16
+copies of the weights (``fbgemm.fp16_linear``: exact, one registered op, so the steps stay unfrozen and in
+Inductor's on-disk caches); its one-row products stay plain bf16 ``F.linear``. Where FBGEMM is missing too, those
+products run in float32 on widened copies (``product_dtype``), frozen and packed for oneDNN.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
+from .fbgemm import fp16_linear, fp16_products
 from .onednn import OneDNNBackend, arithmetic_dtype, onednn_available, packed_linear
 from .torch_ref import TorchBackend
 
@@ -38,6 +41,9 @@ def cpp_compiler_available() -> bool:
 
 class InductorBackend(OneDNNBackend):
     name = "inductor"
+    # a bf16 model's products of several rows on FBGEMM's float16 weights (``fbgemm``): None decides by this machine
+    # (``fbgemm.fp16_products``); a subclass may force it either way (the tests do)
+    fp16: bool | None = None
 
     def __init__(self):
         if not cpp_compiler_available():
@@ -45,12 +51,21 @@ class InductorBackend(OneDNNBackend):
             raise RuntimeError("the inductor backend compiles C++ and found no compiler (set CXX, or install g++); "
                                f"use backend={eager!r}")
 
-    @staticmethod
-    def product_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-        """float32 for a bfloat16 model on a CPU without oneDNN's bf16 products (``onednn.arithmetic_dtype``): the
-        engine then holds copies of its products' weights widened for the products of several rows
-        (``Engine._weights``), which run in float32 on them packed for oneDNN (by Inductor's freezing in the compiled
-        steps, by ``onednn.packed_linear`` outside them)."""
+    @classmethod
+    def _fp16(cls, dtype: torch.dtype, device: torch.device) -> bool:
+        """``dtype``'s products of several rows on ``device`` run on FBGEMM's float16 weights (``fp16_linear``)."""
+        if dtype != torch.bfloat16 or device.type != "cpu":
+            return False
+        return fp16_products() if cls.fp16 is None else cls.fp16
+
+    @classmethod
+    def product_dtype(cls, dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+        """float32 for a bfloat16 model on a CPU without oneDNN's bf16 products (``onednn.arithmetic_dtype``) and
+        without FBGEMM's float16 ones (``_fp16``): the engine then holds copies of its products' weights widened for
+        the products of several rows (``Engine._weights``), which run in float32 on them packed for oneDNN (by
+        Inductor's freezing in the compiled steps, by ``onednn.packed_linear`` outside them)."""
+        if cls._fp16(dtype, torch.device(device)):
+            return dtype
         return arithmetic_dtype(dtype, device)
 
     @classmethod
@@ -59,6 +74,8 @@ class InductorBackend(OneDNNBackend):
             if torch.compiler.is_compiling():
                 return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
             return packed_linear(x, weight, bias)
+        if cls._fp16(weight.dtype, weight.device) and x.numel() > x.shape[-1]:
+            return fp16_linear(x, weight, bias)
         if torch.compiler.is_compiling() or not onednn_available():
             return F.linear(x, weight, bias)
         return super().linear(x, weight, bias)

@@ -45,7 +45,8 @@ def arithmetic_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
     weights for every row (a 4-row LM head costs 3x one row; a 300-row layer product 5-7x the same in float32) and
     bf16 attention converts its keys at every step (3-4x float32 attention); the float32 ones read twice the bytes
     but cost about the same per row at 1..8 rows once packed (``bench/linear_rows.py``). bf16 widens to float32
-    exactly, so the weights and cached keys hold the same numbers; products round to bf16 as a bf16 product does."""
+    exactly, so the weights and cached keys hold the same numbers; products round to bf16 as a bf16 product does.
+    (The inductor backend widens products only where FBGEMM's float16 ones are missing too: ``backend/fbgemm.py``.)"""
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not onednn_available():
         return torch.float32
     return dtype

@@ -1,17 +1,18 @@
 """How the cost of a matrix product grows with its rows on this CPU: the embedded model's products (a layer's qkv,
 o, gate/up and down, and the LM head) timed at 1, 2, 4 and 8 rows, in bfloat16 and float32, eagerly through
-``F.linear``; oneDNN's packed bf16 path too where this CPU has it, and elsewhere the inductor backend's widened
-products (bf16 rows times a float32 copy of the weight packed for oneDNN, ``InductorBackend.product_dtype``).
+``F.linear``; oneDNN's packed bf16 path too where this CPU has it, and elsewhere the inductor backend's two paths for
+products of several rows: FBGEMM's float16 copy of the weight (``backend/fbgemm.py``, where FBGEMM exists) and the
+widened one (bf16 rows times a float32 copy of the weight packed for oneDNN, ``InductorBackend.product_dtype``).
 
     python bench/linear_rows.py [--rows 1 2 4 8] [--repeats 30]
 
 A verification of T tokens runs every product at T rows. Speculation pays only where T rows cost much less than T
 single rows: on CPUs with bf16 dot products (AVX512-BF16, AMX) a product at 8 rows costs little more than at one,
 while on AVX2 torch's bf16 products cost about T times one row, so a verification costs about as many vanilla steps
-as it verifies tokens; the widened products cost about the same at 1 to 8 rows. One weight is timed at a time, so
-the larger ones stay in cache: in a decode step the weights stream from memory, where a float32 copy reads twice the
-bytes (the reason one-row steps keep the bf16 weights). Prints milliseconds per call, and each row count's cost over
-one row's; compare within one run only.
+as it verifies tokens; the float16 and widened products cost much less than that at several rows. One weight is
+timed at a time, so the smaller ones stay in cache: in a decode step the weights stream from memory, where a
+float32 copy reads twice the bytes (the reason one-row steps keep the bf16 weights). Prints milliseconds per call,
+and each row count's cost over one row's; compare within one run only.
 """
 from __future__ import annotations
 
@@ -35,15 +36,17 @@ def shapes() -> dict[str, tuple[int, int]]:
 
 
 def timings(rows: list[int], repeats: int) -> list[dict]:
-    from kangaroo_fast.backend.inductor import InductorBackend
-    from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available
+    from kangaroo_fast.backend.fbgemm import fp16_linear, fp16_products_available
+    from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available, packed_linear
 
     bf16, f32 = torch.bfloat16, torch.float32
     paths = [("bfloat16", bf16, bf16, F.linear), ("float32", f32, f32, F.linear)]
     if onednn_available():
         paths.insert(1, ("bfloat16 oneDNN packed", bf16, bf16, OneDNNBackend.linear))
     else:
-        paths.insert(1, ("bfloat16 on a float32 copy, packed", bf16, f32, InductorBackend.linear))
+        paths.insert(1, ("bfloat16 on a float32 copy, packed", bf16, f32, packed_linear))
+        if fp16_products_available():
+            paths.insert(1, ("bfloat16 on FBGEMM's float16 copy", bf16, bf16, fp16_linear))
     out = []
     for name, (n_out, n_in) in shapes().items():
         for label, x_dtype, w_dtype, linear in paths:

@@ -250,7 +250,8 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     process), "triton" (fused kernels), or None: triton on CUDA when installed; on CPU inductor in bfloat16, and in
     float32 (or without a C++ compiler) onednn where this CPU has oneDNN's bf16 products, else torch (see
     ``backend.default_backend_name``). Without them (AVX2) a bf16 model's KV caches are float32 and, with inductor,
-    its products of several rows run on float32 copies of the weights (held up to three times: plain, packed
+    its products of several rows run on FBGEMM's float16 copies of the weights (2 bytes a weight, exact:
+    ``backend/fbgemm.py``); where FBGEMM is missing too, on float32 copies (held up to three times: plain, packed
     by Inductor, packed for the eager calls; about 0.5 GB each for SmolLM2-135M).
     graphs: the decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA (and compiled
     steps with the inductor backend), False turns them off, True insists on them (see ``Engine``).

@@ -28,6 +28,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .onednn import memo_by_memory
+
 _FP16_MAX = 65504.0
 
 
@@ -75,35 +77,23 @@ def exact_scale(weight: torch.Tensor) -> int | None:
 
 
 class _Packs:
-    """The packed float16 copy of each weight, keyed by (address, shape, dtype), with a weak reference to the tensor
-    first packed there and its version counter then: a weight changed in place, or a new tensor at the same
-    address, is packed again."""
-    entries: dict[tuple, tuple[weakref.ref, int, object, float | None]] = {}
+    """The packed float16 copy of each weight, keyed by (address, shape, dtype) (``onednn.memo_by_memory``: a
+    weight changed in place, or a new tensor at the same address, is packed again)."""
+    entries: dict[tuple, tuple[weakref.ref, int, tuple[object, float | None]]] = {}
     packs = 0  # weights packed so far (tests check that steps reuse them)
 
     @classmethod
     def get(cls, weight: torch.Tensor) -> tuple[object, float | None]:
         """(packed weight, the factor that scales the rows), or (None, None) where the weight is not exact in
         float16 (``exact_scale``)."""
-        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype)
-        entry = cls.entries.get(key)
-        if entry is not None:
-            first = entry[0]()
-            if first is not None and first.data_ptr() == key[0] and first._version == entry[1]:
-                return entry[2], entry[3]
-        e = exact_scale(weight)
-        packed, factor = None, None
-        if e is not None:
-            packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float() * 2.0 ** e)
-            factor = 2.0 ** -e
-        cls.packs += 1
+        def pack():
+            cls.packs += 1
+            e = exact_scale(weight)
+            if e is None:
+                return None, None
+            return torch.ops.quantized.linear_prepack_fp16(weight.detach().float() * 2.0 ** e), 2.0 ** -e
 
-        def forget(ref, key=key):
-            if cls.entries.get(key, (None,))[0] is ref:
-                del cls.entries[key]
-
-        cls.entries[key] = (weakref.ref(weight, forget), weight._version, packed, factor)
-        return packed, factor
+        return memo_by_memory(cls.entries, (weight.data_ptr(), tuple(weight.shape), weight.dtype), weight, pack)
 
 
 def _fp16_mm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,9 @@ tokens, counted in ``DecodeSteps.syncs``.
 """
 from __future__ import annotations
 
+import functools
 import sys
+import threading
 import types
 from typing import Callable
 
@@ -164,6 +166,7 @@ class CompiledStep:
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step",
                  products: torch.dtype = torch.bfloat16):
+        _install_compile_callbacks()
         self.options = compile_options(products)
         own = _own_code(fn)
         code = getattr(own, "__func__", own).__code__
@@ -180,24 +183,53 @@ class CompiledStep:
             print(f"kangaroo_fast: compiling the {self.name} step (up to a minute; {when})", file=sys.stderr,
                   flush=True)
         self.replays += 1
-        # Dynamo reads the symbolic sources and freezing while tracing (module weights become constants), Inductor
-        # its options while compiling: set for each call (a guard may fail and recompile) and restored after. Plain
-        # attribute writes: ``config.patch`` costs ~25 us a call each. Only the named sources are symbolic: Dynamo's
-        # automatic dynamic shapes would make any size symbolic that differs from an earlier compile of the same
-        # code, remembered by the code's file, line and name, which the steps of every engine share (a second
-        # model's head count came out symbolic, and attention refused it)
-        dynamo, automatic, inductor = torch.compiler.config, torch._dynamo.config, torch._inductor.config
-        saved = (dynamo.dynamic_sources, automatic.automatic_dynamic_shapes,
-                 [(name, getattr(inductor, name)) for name in self.options])
-        dynamo.dynamic_sources, automatic.automatic_dynamic_shapes = self.dynamic, False
-        for name, value in self.options.items():
-            setattr(inductor, name, value)
+        _calling.step = self  # read by ``_on_compile_start`` if this call compiles
         try:
             return self.fn(**inputs)
         finally:
-            dynamo.dynamic_sources, automatic.automatic_dynamic_shapes = saved[0], saved[1]
-            for name, value in saved[2]:
-                setattr(inductor, name, value)
+            _calling.step = None
+
+    def configs(self) -> list[tuple[object, str, object]]:
+        """(config module, name, value) for a compile of this step. Dynamo reads the symbolic sources and freezing
+        while tracing (module weights become constants), Inductor its options while compiling. Only the named
+        sources are symbolic: Dynamo's automatic dynamic shapes would make any size symbolic that differs from an
+        earlier compile of the same code, remembered by the code's file, line and name, which the steps of every
+        engine share (a second model's head count came out symbolic, and attention refused it)."""
+        inductor = torch._inductor.config
+        return [(torch.compiler.config, "dynamic_sources", self.dynamic),
+                (torch._dynamo.config, "automatic_dynamic_shapes", False),
+                *((inductor, name, value) for name, value in self.options.items())]
+
+
+# The configuration a compiled step needs is set only while Dynamo compiles one of its calls (a guard failing later
+# recompiles too), through Dynamo's compile callbacks, and restored at the compile's end: the process's own
+# configuration stays as it was, and a call that compiles nothing pays nothing (writing and restoring the six
+# values around every call cost ~0.1 ms, torch's config modules being slow to write, against a ~3.5 ms draft step
+# of the embedded model on a 2-core CPU).
+_calling = threading.local()  # .step: the CompiledStep this thread is calling; .saved: values a compile replaced
+
+
+def _on_compile_start(_args) -> None:
+    step = getattr(_calling, "step", None)
+    if step is None:  # a compile that is not a step's (the user's own torch.compile)
+        return
+    configs = step.configs()
+    _calling.saved = [(module, name, getattr(module, name)) for module, name, _value in configs]
+    for module, name, value in configs:
+        setattr(module, name, value)
+
+
+def _on_compile_end(_args) -> None:
+    saved, _calling.saved = getattr(_calling, "saved", None), None
+    for module, name, value in saved or ():
+        setattr(module, name, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _install_compile_callbacks() -> None:
+    """Once per process, on the first compiled step (importing Dynamo costs a second)."""
+    torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
+    torch._dynamo.callback_handler.register_end_callback(_on_compile_end)
 
 
 def _own_code(fn: Callable) -> Callable:

@@ -217,6 +217,13 @@ def test_compiled_bf16_without_bf16_products(monkeypatch):
     packs = onednn.OneDNNBackend.packs
     assert engine.generate(prompt, settings, set())[0] == vanilla
     assert onednn.OneDNNBackend.packs == packs  # and nothing is packed anew
+    # a one-row product takes its row as a [1, K] view with a fresh tensor's strides: aten copies none first
+    # (Inductor's own view has stride 0 on the size-1 dimension; ``InductorBackend.linear``)
+    engine.steps.draft(torch.tensor([[5]]), [len(prompt)], 2)
+    with torch.profiler.profile() as profile:
+        engine.steps.draft(torch.tensor([[5]]), [len(prompt)], 2)
+    names = [event.name for event in profile.events()]
+    assert any(name.startswith("Torch-Compiled Region") for name in names) and "aten::clone" not in names
 
 
 def test_compiled_step_guards_its_arguments_not_its_closure(monkeypatch):
@@ -255,3 +262,38 @@ def test_a_step_refuses_caches_with_other_rows():
     tokens = torch.zeros(2, 1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="a step of 2 rows on caches of 1 active rows"):
         km.engine.steps.shallow(tokens, [3, 3], 1, True)
+
+
+def test_step_configuration_holds_only_while_it_compiles(monkeypatch):
+    """A compiled step's configuration (its symbolic sources, no automatic dynamic shapes, Inductor's options) is
+    set while Dynamo compiles one of its calls and restored at the compile's end (``graphs._on_compile_start``): a
+    call leaves the process's configuration as it was, and the user's own compile between calls sees it."""
+    seen = []
+
+    def record(_args):  # registered after the steps' callbacks, so it sees what they set
+        seen.append((torch.compiler.config.dynamic_sources, torch._dynamo.config.automatic_dynamic_shapes,
+                     torch._inductor.config.cpp_wrapper))
+
+    def twice(x: torch.Tensor, end: int):
+        return (x[:end] * 2,)
+
+    step = CompiledStep(twice, [r".*\['end'\]"], "test")
+    process = (torch.compiler.config.dynamic_sources, torch._dynamo.config.automatic_dynamic_shapes,
+               torch._inductor.config.cpp_wrapper)
+    torch._dynamo.callback_handler.register_start_callback(record)
+    try:
+        x = torch.arange(12.0)
+        assert torch.equal(step(x=x, end=5)[0], x[:5] * 2)
+        assert seen == [(step.dynamic, False, step.options["cpp_wrapper"])]
+        writes = []
+        for config in (torch.compiler.config, torch._dynamo.config, torch._inductor.config):
+            monkeypatch.setattr(type(config), "__setattr__", lambda self, name, value: writes.append(name))
+        assert torch.equal(step(x=x, end=9)[0], x[:9] * 2)  # no compile (end is symbolic): no configuration written
+        monkeypatch.undo()
+        assert writes == [] and len(seen) == 1
+        assert (torch.compiler.config.dynamic_sources, torch._dynamo.config.automatic_dynamic_shapes,
+                torch._inductor.config.cpp_wrapper) == process
+        torch.compile(lambda x: x + 1)(x)  # not a step's: the process's configuration
+        assert seen[1:] == [process]
+    finally:
+        torch._dynamo.callback_handler.remove_start_callback(record)

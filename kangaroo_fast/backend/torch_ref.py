@@ -214,8 +214,8 @@ class TorchBackend:
         ``head_weight`` is [V_draft, H]: the LM head's rows of the draft vocabulary (or all of it).
         """
         logits = cls.linear(cls.rms_norm(x, norm_weight, eps), head_weight).float()
-        prob, index = logits.softmax(-1).max(-1)
-        return index, prob
+        best, index = logits.max(-1)  # the first maximum; its softmax probability is 1 / sum(exp(logits - best))
+        return index, (logits - best.unsqueeze(-1)).exp().sum(-1).reciprocal()
 
     @classmethod
     def verify_head(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,

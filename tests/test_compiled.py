@@ -188,10 +188,11 @@ def test_no_compiler_error_names_the_eager_backend(monkeypatch):
 
 
 def test_compiled_bf16_without_bf16_products(monkeypatch):
-    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them) nor FBGEMM's float16 ones
-    (``WidenedProducts``; FBGEMM's path: ``test_fbgemm.py``): the one-row steps read the bf16 weights unfrozen (nothing to pack, so Inductor's on-disk caches keep them), the steps of several rows
-    the float32 copies, frozen and packed by Inductor; the eager calls (prefill) pack those copies once; Kangaroo
-    emits the compiled vanilla decode."""
+    """A CPU without oneDNN's bf16 products (AVX2; taken away here where this one has them) nor FBGEMM's float16
+    ones (``WidenedProducts``; FBGEMM's path: ``test_fbgemm.py``): the one-row steps read the bf16 weights unfrozen
+    (nothing to pack, so Inductor's on-disk caches keep them), the steps of several rows the float32 copies, frozen
+    and packed by Inductor; the eager calls (prefill) pack those copies once; Kangaroo emits the compiled vanilla
+    decode."""
     from kangaroo_fast.backend import onednn
     from kangaroo_fast.config import DecodeSettings
 

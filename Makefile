@@ -78,9 +78,12 @@ bench-gpu:
 		tests/test_triton_backend.py tests/test_graphs.py tests/test_bench_gpu.py
 	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu.py --output bench/results/gpu.json
 
+# In stages of at most TRAIN_MINUTES (55) each: past it, training stops at its next save point (a batch of answers,
+# a shard of teacher features, an epoch) with exit status 75; run it again to resume (TRAIN_MINUTES= for no limit).
+TRAIN_MINUTES ?= 55
 train-default: $(STAMP)
 	$(PY) -m kangaroo_fast.cli train --recipe kangaroo_fast/train/default_recipe.json \
-		--output kangaroo_fast/adapters/smollm2-135m-instruct
+		--output kangaroo_fast/adapters/smollm2-135m-instruct $(if $(TRAIN_MINUTES),--time-limit $(TRAIN_MINUTES))
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

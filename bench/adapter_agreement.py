@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     sequences = generate_answers(model.packed, model.tokenizer, texts, args.max_new_tokens, 32, set(model.eos_ids()))
     starts = [len(chat_ids(model.tokenizer, t)) for t in texts]
     layer = model.adapter.config.exit_layer
-    features = teacher_features(model.hf_model, sequences, [layer], 32, 8)
+    features = teacher_features(model.packed, sequences, [layer], 32, 8)
     predictions = draft_predictions(model.adapter.float(), features, list(range(len(sequences))),
                                     model.packed.lm_head.float(), model.packed.rope_cos, model.packed.rope_sin)
     by_category: dict[str, list[torch.Tensor]] = {}

@@ -38,10 +38,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+#: ``kangaroo-fast train``'s exit status when it stopped at its time limit with work left (EX_TEMPFAIL: run again).
+TIME_LIMIT_EXIT = 75
+
+
 def cmd_train(args) -> int:
     import torch.distributed as dist
 
-    from .train.distill import Recipe
+    from .train.distill import Recipe, TimeLimit
     from .train.recipe import run_recipe
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
@@ -52,17 +56,25 @@ def cmd_train(args) -> int:
             setattr(recipe, key, value)
     if args.exit_layer is not None:
         recipe.candidate_exit_layers = [args.exit_layer]
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit={args.time_limit:g} must be > 0 minutes")
     distributed = "LOCAL_RANK" in __import__("os").environ
     if distributed:
         dist.init_process_group("gloo")
     try:
         report = run_recipe(recipe, Path(args.output), model=args.model,
-                            work_dir=Path(args.work_dir) if args.work_dir else None, resume=not args.no_resume)
+                            work_dir=Path(args.work_dir) if args.work_dir else None, resume=not args.no_resume,
+                            time_limit=args.time_limit)
+    except TimeLimit as stop:
+        print(f"kangaroo-fast train: time limit of {args.time_limit:g} min reached after saving ({stop}); "
+              "run the same command again to resume", file=sys.stderr)
+        return TIME_LIMIT_EXIT
     finally:
         if distributed:
             dist.destroy_process_group()
     best = {layer: max(r["simulated"], key=lambda s: s["mean_accepted"]) for layer, r in report["layers"].items()}
-    print(json.dumps({"output": args.output, "best_simulated": best}, indent=1))
+    print(json.dumps({"output": args.output, "best_simulated": best, "stage_seconds": report["stage_seconds"]},
+                     indent=1))
     return 0
 
 
@@ -273,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
     train.add_argument("--n-instructions", type=int, default=None,
                        help="instructions the base model answers for the corpus (default: the recipe's)")
+    train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                       help="stop at the first save point after this many minutes (a batch of answers, a shard "
+                            "of teacher features, an epoch), exit status 75; the same command resumes "
+                            "(default: none)")
     train.add_argument("--no-resume", action="store_true",
                        help="train from scratch even where a checkpoint of the same recipe exists")
     train.set_defaults(func=cmd_train)

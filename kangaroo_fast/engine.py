@@ -318,6 +318,26 @@ class Engine:
         last = torch.tensor(lengths, device=x.device) - 1
         return x[torch.arange(len(lengths), device=x.device), last][:, None]
 
+    @torch.no_grad()
+    def forward_states(self, ids: torch.Tensor, layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """The full model over token ids [B, T] (every row from position 0; the adapter unused, the cache
+        overwritten): the hidden states after each of ``layers`` layers ({layer: [B, T, H]}) and the logits
+        [B, T, V] in float32. How training reads its teacher (``train.data.teacher_features``)."""
+        batch, t = ids.shape
+        if t > self.max_len:
+            raise ValueError(f"{t} tokens do not fit the cache of {self.max_len} positions")
+        if batch > self.cache.batch:
+            self._allocate(batch, self.max_len, self.shallow_states.shape[1] - 1)
+        self._reset(batch)
+        x, done, states = self.ops.embed(ids, self.w.embed), 0, {}
+        for layer in sorted(set(layers)):
+            x = self._layers(x, 0, done, layer)
+            states[layer], done = x, layer
+        x = self._layers(x, 0, done, self.cfg.num_layers)
+        w = self._weights(x)[0]
+        logits = self.ops.linear(self.ops.rms_norm(x, w.final_norm, self.cfg.rms_norm_eps), w.lm_head)
+        return states, logits.float()
+
     def _budgets(self, seqs: "_Sequences", settings: DecodeSettings) -> list[int]:
         """Per row, the drafts a round has room for: k + 1 new tokens within max_new_tokens and the cache."""
         return [min(settings.max_draft_steps, settings.max_new_tokens - len(seqs.tokens[i]) - 1,

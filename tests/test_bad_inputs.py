@@ -276,6 +276,8 @@ CASES = [
          ("cli-pickle", "pytorch_model.bin", "refused")),
     Case("train --epochs 0", lambda ctx: cli.main(["train", "--output", str(ctx.root / "out"), "--epochs", "0"]),
          CLI_EXIT, ("--epochs=0",)),
+    Case("train --time-limit 0", lambda ctx: cli.main(["train", "--output", str(ctx.root / "out"), "--time-limit",
+                                                      "0"]), CLI_EXIT, ("--time-limit=0",)),
     Case("train --recipe not JSON", lambda ctx: cli.main(["train", "--output", str(ctx.root / "out"), "--recipe", str(
         recipe_file(ctx, "cli-recipe.json", "[")), ]), CLI_EXIT, ("cli-recipe.json",)),
 ]

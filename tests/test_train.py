@@ -52,7 +52,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(setup, tmp_path):
     _train(setup, recipe, checkpoint=checkpoint, stop_after=1)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
     resumed, log = _train(setup, recipe, checkpoint=checkpoint, resume=True)
-    assert [entry["epoch"] for entry in log] == [2, 3]
+    assert [entry["epoch"] for entry in log] == [1, 2, 3]  # the checkpoint's epoch 1 entry, then the two run now
     for key, value in _state(straight).items():
         torch.testing.assert_close(_state(resumed)[key], value, rtol=1e-6, atol=1e-7)
 
@@ -117,6 +117,32 @@ def test_corpus_second_stage_answers_prompts_built_on_the_first(default_model, t
     assert build_corpus(None, None, recipe, set(), tmp_path, progress=False) == corpus  # from the cache
 
 
+def test_corpus_stage_resumes_from_its_saved_batches(default_model, tmp_path):
+    """An interrupted answer stage leaves its batches in corpus-stage1.progress.json (under the stage's key): the
+    next run keeps them, answers only the rest, and removes the progress file once the stage is written; progress
+    saved under another recipe's key is not used."""
+    from kangaroo_fast.train.recipe import ANSWER_FIELDS, build_corpus, cache_key
+
+    km = default_model.model
+    recipe = Recipe(n_instructions=3, max_new_tokens=5, doc_chars=0, gen_batch_size=2)
+    progress = tmp_path / "corpus-stage1.progress.json"
+    marker = [[7, 7, 7], [8, 8, 8]]  # stand-ins no decoder makes: seen again only if they were reused
+    key = cache_key(recipe, ANSWER_FIELDS, None)
+    progress.write_text(json.dumps({"key": key, "done": [[0, marker[0]], [1, marker[1]]]}))
+    corpus = build_corpus(km.packed, km.tokenizer, recipe, set(km.eos_ids()), tmp_path, progress=False)
+    reused = [i for i, seq in enumerate(corpus["sequences"]) if seq in marker]
+    assert len(reused) >= 1 and not progress.exists()  # one batch of 2 (sorted by prompt length) held a marker
+    assert all(len(seq) > start for i, seq in enumerate(corpus["sequences"]) if i not in reused
+               for start in [corpus["starts"][i]])
+
+    other = tmp_path / "other"
+    other.mkdir()
+    stale = {**key, "max_new_tokens": 6}
+    (other / "corpus-stage1.progress.json").write_text(json.dumps({"key": stale, "done": [[0, marker[0]]]}))
+    fresh = build_corpus(km.packed, km.tokenizer, recipe, set(km.eos_ids()), other, progress=False)
+    assert not any(seq in marker for seq in fresh["sequences"])
+
+
 def _weights(path: Path) -> bytes:
     return (path / "model.safetensors").read_bytes()
 
@@ -145,3 +171,48 @@ def test_rerun_with_a_changed_recipe_reuses_nothing_it_made(tmp_path):
     report = run_recipe(more, tmp_path / "third", work_dir=work, progress=False)
     assert report["sequences"] == 3
     assert json.loads((work / "corpus.json").read_text())["key"]["n_instructions"] == 3
+
+
+def test_time_limit_stops_at_save_points_and_resumes(tmp_path, monkeypatch):
+    """With a time limit already spent, run_recipe stops at each kind of save point in turn (a batch of answers, a
+    shard of teacher features, an epoch), never after a stage's last piece; rerun each time, it ends with the
+    adapter and report of an uninterrupted run, the earlier epochs' log and every stage's seconds included."""
+    from kangaroo_fast.train import recipe as recipes
+    from kangaroo_fast.train.distill import TimeLimit
+
+    monkeypatch.setattr(recipes, "TEACHER_SHARD", 1)
+    recipe = Recipe(n_instructions=2, max_new_tokens=4, doc_chars=0, draft_vocab_size=64, top_k=8, epochs=2,
+                    batch_size=2, warmup_steps=1, heldout_fraction=0.5, gen_batch_size=1, teacher_batch_size=4,
+                    dtype="float32")
+    stops = []
+    for _ in range(6):
+        try:
+            report = recipes.run_recipe(recipe, tmp_path / "limited", work_dir=tmp_path / "work", progress=False,
+                                        time_limit=1e-9)
+            break
+        except TimeLimit as stop:
+            stops.append(str(stop))
+            assert not (tmp_path / "limited").exists()
+    assert stops == ["answers stage 1: 1 of 2 answers made", "teacher: 1 of 2 shards made",
+                     "exit layer 2: 1 of 2 epochs trained"]
+    whole = recipes.run_recipe(recipe, tmp_path / "whole", work_dir=tmp_path / "whole-work", progress=False)
+    assert _weights(tmp_path / "limited") == _weights(tmp_path / "whole")
+    strip = [{k: v for k, v in entry.items() if k != "seconds"} for entry in whole["layers"][2]["log"]]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in report["layers"][2]["log"]] == strip
+    assert [e["epoch"] for e in strip] == [1, 2]
+    assert set(report["stage_seconds"]) == set(whole["stage_seconds"]) == {"answers stage 1", "teacher",
+                                                                           "train exit layer 2"}
+    assert all(seconds > 0 for seconds in report["stage_seconds"].values())
+    assert not list((tmp_path / "work").glob("*.progress.json"))
+
+
+def test_cli_train_time_limit_exits_75_and_names_where_it_stopped(tmp_path, capsys):
+    from kangaroo_fast import cli
+
+    recipe = Recipe(n_instructions=2, max_new_tokens=4, doc_chars=0, gen_batch_size=1, dtype="float32")
+    (tmp_path / "recipe.json").write_text(recipe.to_json())
+    code = cli.main(["train", "--recipe", str(tmp_path / "recipe.json"), "--output", str(tmp_path / "out"),
+                     "--work-dir", str(tmp_path / "work"), "--time-limit", "1e-9"])
+    assert code == cli.TIME_LIMIT_EXIT == 75
+    assert "answers stage 1: 1 of 2 answers made" in capsys.readouterr().err
+    assert (tmp_path / "work" / "corpus-stage1.progress.json").exists() and not (tmp_path / "out").exists()

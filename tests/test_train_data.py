@@ -26,3 +26,47 @@ def test_batched_greedy_equals_hf_greedy_per_row(kind):
     answers = greedy_decoder(pack_model(hf), 13 + 9 + 1)(prompts, 9, eos)
     assert answers == [row[:n] for row, n in zip(expected, stop_at)]
     assert len(answers[2]) <= 4 and answers[2][-1] in eos
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_teacher_features_equal_hf_forward(kind):
+    """teacher_features reads the engine's forward (right-padded rows of several lengths, batches of 2): per
+    sequence, HF's hidden states after the exit layers and its top-k next-token distribution, in float32."""
+    from kangaroo_fast.train.data import teacher_features
+
+    hf = tiny_model(kind, seed=5)
+    gen = torch.Generator().manual_seed(11)
+    sequences = [torch.randint(3, hf.config.vocab_size, (n,), generator=gen).tolist() for n in (9, 1, 23, 7, 16)]
+    features = teacher_features(pack_model(hf), sequences, [1, 2], 5, 2, progress=False)
+    assert len(features) == len(sequences)
+    for i, seq in enumerate(sequences):
+        out = hf(input_ids=torch.tensor([seq]), output_hidden_states=True, use_cache=False)
+        probs, top = out.logits[0].float().softmax(-1).topk(5, dim=-1)
+        for layer in (1, 2):
+            assert features.hidden[layer][i].shape == (len(seq), hf.config.hidden_size)
+            torch.testing.assert_close(features.hidden[layer][i].float(), out.hidden_states[layer][0],
+                                       atol=2e-2, rtol=1e-2)  # kept in bf16
+        assert torch.equal(features.top_ids[i], top.to(torch.int32))
+        torch.testing.assert_close(features.top_probs[i].float(), probs, atol=1e-3, rtol=1e-3)  # kept in fp16
+
+
+def test_answers_resume_from_saved_progress(default_model):
+    """generate_answers saves every batch (on_batch); started again from what an interrupted run saved (done), it
+    decodes only the batches left and returns what an uninterrupted run returns."""
+    from kangaroo_fast.train.data import generate_answers
+
+    km = default_model.model
+    texts = ["Name a colour.", "What is two plus two?", "Say hello in French.", "Write one word.",
+             "Give a number between 1 and 9."]
+    eos = set(km.eos_ids())
+    saved: list[dict] = []
+    whole = generate_answers(km.packed, km.tokenizer, texts, 6, 2, eos, progress=False,
+                             on_batch=lambda made: saved.append(dict(made)))
+    assert [len(s) for s in saved] == [2, 4, 5]  # three batches, each saved
+    interrupted = saved[0]
+    calls: list[int] = []
+    resumed = generate_answers(km.packed, km.tokenizer, texts, 6, 2, eos, progress=False, done=interrupted,
+                               on_batch=lambda made: calls.append(len(made)))
+    assert resumed == whole
+    assert calls == [4, 5]  # the saved batch was not decoded again
+    assert all(resumed[i] == seq for i, seq in interrupted.items())

@@ -22,8 +22,8 @@ def synthetic_setup(exit_layer: int = 2, n_seqs: int = 24, prompt_len: int = 5, 
         ids = torch.randint(3, 123, (1, prompt_len), generator=gen)
         out = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         sequences.append(out[0].tolist())
-    features = teacher_features(hf, sequences, [exit_layer], 8, 8, progress=False)
     packed = pack_model(hf)
+    features = teacher_features(packed, sequences, [exit_layer], 8, 8, progress=False)
     vocab = frequent_tokens(features, 48, config.vocab_size, {1})
     adapter = init_adapter(packed.config, packed.final_norm, vocab, exit_layer, seed=0)
     split = n_seqs * 3 // 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from tqdm.auto import tqdm
 from ..adapter import Adapter, AdapterConfig
 from ..config import ModelConfig, is_int, is_number
 from .data import Features
+
+
+class TimeLimit(Exception):
+    """A training run reached its time limit at a save point: everything made so far is saved, and the same
+    command resumes from there (``run_recipe(time_limit=...)``, ``kangaroo-fast train --time-limit``)."""
 
 
 @dataclass
@@ -145,14 +151,17 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
                   lm_head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recipe: Recipe,
                   checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
                   log: list | None = None, stop_after: int | None = None,
-                  loss_from: list[int] | None = None, checkpoint_key: dict | None = None) -> Adapter:
+                  loss_from: list[int] | None = None, checkpoint_key: dict | None = None,
+                  should_stop=None) -> Adapter:
     """Soft cross-entropy distillation; returns the trained adapter (the module, unwrapped from DDP).
 
     ``loss_from[i]`` (with ``recipe.answer_only_loss``) is where sequence i's answer starts; -1 leaves a sequence
     out of the loss. ``checkpoint`` is written after every epoch, with ``checkpoint_key`` (what produced it: the
     recipe, the base model); with ``resume`` training continues from it when its key is the same, and starts afresh
     (saying which field differs) otherwise. ``stop_after`` ends this run after that many epochs in all (a time-boxed
-    run), leaving the rest to a resumed one.
+    run), leaving the rest to a resumed one. ``should_stop()``, asked after each epoch's checkpoint (rank 0
+    decides for every rank), raises ``TimeLimit`` when it says so and epochs are left. ``log`` gets one entry per
+    epoch, the resumed checkpoint's earlier ones included, each with the seconds the epoch took.
     """
     exit_layer = adapter.config.exit_layer
     loss_from = loss_from if recipe.answer_only_loss else None
@@ -187,8 +196,11 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"]
+        if log is not None:
+            log.extend(state.get("log", []))
     last_epoch = recipe.epochs if stop_after is None else min(stop_after, recipe.epochs)
     for epoch in range(start_epoch, last_epoch):
+        began = time.monotonic()
         order = list(train_idx)
         random.Random(recipe.seed + epoch).shuffle(order)
         mine = order[rank::world]
@@ -209,7 +221,8 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
             bar.set_postfix(loss=f"{running:.3f}", top1=f"{agree.item():.3f}")
         heldout = evaluate_loss(adapter, features, heldout_idx, head, lookup, cos, sin, recipe.batch_size, loss_from)
         if _is_main():
-            entry = {"epoch": epoch + 1, "train_loss": running, **heldout}
+            entry = {"epoch": epoch + 1, "train_loss": running, **heldout,
+                     "seconds": round(time.monotonic() - began, 3)}
             if log is not None:
                 log.append(entry)
             tqdm.write(json.dumps(entry))
@@ -217,9 +230,21 @@ def train_adapter(adapter: Adapter, features: Features, train_idx: list[int], he
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 tmp = checkpoint.with_suffix(".tmp")
                 torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "key": checkpoint_key}, tmp)
+                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "key": checkpoint_key,
+                            "log": [] if log is None else log}, tmp)
                 tmp.replace(checkpoint)
+        if epoch + 1 < last_epoch and _agreed(should_stop is not None and should_stop()):
+            raise TimeLimit(f"exit layer {exit_layer}: {epoch + 1} of {recipe.epochs} epochs trained")
     return adapter
+
+
+def _agreed(flag: bool) -> bool:
+    """Rank 0's ``flag``, the same on every rank (one broadcast under torch.distributed)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, 0)
+    return bool(value.item())
 
 
 def _matching_checkpoint(checkpoint: Path, key: dict | None) -> dict | None:

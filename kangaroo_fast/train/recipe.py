@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..models import cache_dir, load_hf, model_eos_ids, pack_model, resolve_dtype
-from .data import chat_ids, document_chunks, frequent_tokens, generate_answers, teacher_features
-from .distill import (Recipe, _is_main, differing_field, draft_predictions, init_adapter, simulate_rounds,
-                      train_adapter)
+from .data import Features, chat_ids, document_chunks, frequent_tokens, generate_answers, teacher_features
+from .distill import (Recipe, TimeLimit, _is_main, differing_field, draft_predictions, init_adapter,
+                      simulate_rounds, train_adapter)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DRAFT_STEPS = (4, 6, 8)
@@ -32,6 +33,26 @@ ANSWER_FIELDS = ("n_instructions", "instruction_seed", "max_new_tokens", "gen_ba
 CORPUS_FIELDS = ANSWER_FIELDS + ("n_bootstrap", "doc_chars", "doc_chunk_tokens", "seed")
 #: Fields that only choose what is saved or how it decodes, never what a layer's training computes.
 DECODING_FIELDS = ("exit_layer", "candidate_exit_layers", "threshold", "max_draft_steps", "lookup")
+#: Sequences per cached shard of teacher features (a few minutes of the teacher on a 2-core CPU).
+TEACHER_SHARD = 256
+
+
+class Budget:
+    """A run's time limit in minutes (None: none). ``check(where)``, called right after something is saved,
+    raises ``TimeLimit`` once the limit has passed; ``seconds`` collects how long each stage took."""
+
+    def __init__(self, minutes: float | None = None):
+        if minutes is not None and not minutes > 0:
+            raise ValueError(f"time limit {minutes!r} minutes must be > 0")
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        self.seconds: dict[str, float] = {}
+
+    def over(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def check(self, where: str) -> None:
+        if self.over():
+            raise TimeLimit(where)
 
 
 def cache_key(recipe: Recipe, fields: tuple[str, ...], base_model: str | None, **extra) -> dict:
@@ -77,52 +98,108 @@ def _write_cache(path: Path, key: dict, data: dict) -> None:
 
 
 def build_corpus(packed, tokenizer, recipe: Recipe, eos: set[int], work_dir: Path, progress: bool,
-                 base_model: str | None = None) -> dict:
+                 base_model: str | None = None, budget: Budget | None = None) -> dict:
     """{'sequences': [[ids]], 'starts': [answer start or -1 for documentation chunks]} (cached).
 
     Stage 1 answers ``recipe.n_instructions`` written instructions; stage 2 answers ``recipe.n_bootstrap``
     instructions built on the stage-1 answers (summaries, questions over them as context, follow-ups and
-    translations of their sentences). Each stage is cached on its own, so an interrupted run resumes; a cache made
-    from other recipe fields or another ``base_model`` (its ``model_fingerprint``) is rebuilt."""
+    translations of their sentences). Each stage is cached on its own, and its answers batch by batch while it
+    runs, so an interrupted run resumes; a cache made from other recipe fields or another ``base_model`` (its
+    ``model_fingerprint``) is rebuilt. ``budget``: the run's time limit, and where each stage's seconds go."""
+    budget = budget or Budget()
     from .instructions import bootstrap_instructions, local_documentation_texts, training_instructions
 
     path = work_dir / "corpus.json"
     key = cache_key(recipe, CORPUS_FIELDS, base_model)
     cached = _read_cache(path, key)
     if cached is not None:
+        budget.seconds.update(cached.get("seconds", {}))
         return {"sequences": cached["sequences"], "starts": cached["starts"]}
     work_dir.mkdir(parents=True, exist_ok=True)
     instructions = training_instructions(recipe.n_instructions, seed=recipe.instruction_seed)
     stage1 = _answered(packed, tokenizer, instructions, recipe, eos, work_dir / "corpus-stage1.json", progress,
-                       cache_key(recipe, ANSWER_FIELDS, base_model))
+                       cache_key(recipe, ANSWER_FIELDS, base_model), budget, "answers stage 1")
     sequences, starts = list(stage1["sequences"]), list(stage1["starts"])
     if recipe.n_bootstrap:
         answers = [tokenizer.decode(seq[start:], skip_special_tokens=True)
                    for seq, start in zip(stage1["sequences"], stage1["starts"])]
         second = bootstrap_instructions(instructions, answers, recipe.n_bootstrap, seed=recipe.instruction_seed)
         stage2 = _answered(packed, tokenizer, second, recipe, eos, work_dir / "corpus-stage2.json", progress,
-                           cache_key(recipe, ANSWER_FIELDS + ("n_bootstrap",), base_model))
+                           cache_key(recipe, ANSWER_FIELDS + ("n_bootstrap",), base_model), budget,
+                           "answers stage 2")
         sequences += stage2["sequences"]
         starts += stage2["starts"]
     docs = document_chunks(tokenizer, local_documentation_texts(recipe.doc_chars, seed=recipe.seed),
                            recipe.doc_chunk_tokens) if recipe.doc_chars else []
     corpus = {"sequences": sequences + docs, "starts": starts + [-1] * len(docs)}
-    _write_cache(path, key, corpus)
+    _write_cache(path, key, {**corpus, "seconds": dict(budget.seconds)})
     return corpus
 
 
+def cached_teacher_features(packed, sequences: list[list[int]], layers: list[int], recipe: Recipe, work_dir: Path,
+                            key: dict, progress: bool, budget: Budget) -> Features:
+    """``teacher_features`` of every sequence, computed and saved in shards of ``TEACHER_SHARD`` sequences
+    (``teacher-NNNNN.pt`` under ``key`` and the exit layers); a shard saved with the same key is read back, so
+    an interrupted run resumes at the next shard. The features of a 1M-token corpus take about 1.3 GB per layer."""
+    shards = range(0, len(sequences), TEACHER_SHARD)
+    parts: list[Features] = []
+    seconds = 0.0
+    for n, first in enumerate(tqdm(shards, desc="teacher", unit="shard", disable=not progress)):
+        path = work_dir / f"teacher-{n:05d}.pt"
+        shard_key = {**key, "layers": sorted(layers), "shard": n, "shard_size": TEACHER_SHARD}
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        if saved is not None and differing_field(saved["key"], shard_key) is None:
+            parts.append(Features({int(l): h for l, h in saved["hidden"].items()}, saved["top_ids"],
+                                  saved["top_probs"]))
+            seconds += saved["seconds"]
+            continue
+        began = time.monotonic()
+        part = teacher_features(packed, sequences[first:first + TEACHER_SHARD], layers, recipe.top_k,
+                                recipe.teacher_batch_size, progress=False)
+        spent = time.monotonic() - began
+        seconds += spent
+        if _is_main():
+            work_dir.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            torch.save({"key": shard_key, "hidden": {str(l): h for l, h in part.hidden.items()},
+                        "top_ids": part.top_ids, "top_probs": part.top_probs, "seconds": spent}, partial)
+            partial.replace(path)
+        parts.append(part)
+        if n + 1 < len(shards):
+            budget.check(f"teacher: {n + 1} of {len(shards)} shards made")
+    budget.seconds["teacher"] = round(seconds, 3)
+    return Features({l: [h for p in parts for h in p.hidden[l]] for l in layers},
+                    [t for p in parts for t in p.top_ids], [t for p in parts for t in p.top_probs])
+
+
 def _answered(packed, tokenizer, instructions: list[str], recipe: Recipe, eos: set[int], path: Path,
-              progress: bool, key: dict) -> dict:
+              progress: bool, key: dict, budget: Budget, stage: str) -> dict:
     """The base model's greedy answers to ``instructions`` as {'sequences', 'starts'}, cached at ``path`` under
-    ``key``."""
+    ``key``; while it runs, the answers made so far are saved after every batch (``<path>.progress.json``)."""
     cached = _read_cache(path, key)
     if cached is not None:
+        budget.seconds[stage] = cached.get("seconds", 0.0)
         return cached
+    progress_path = path.with_suffix(".progress.json")  # the batches answered so far, under the same key
+    partial = _read_cache(progress_path, key) or {"done": []}
+    done = {int(i): seq for i, seq in partial["done"]}
+    if done:
+        tqdm.write(f"{progress_path}: resuming with {len(done)} of {len(instructions)} answers made")
+    began = time.monotonic() - partial.get("seconds", 0.0)
+
+    def save(made: dict[int, list[int]]) -> None:
+        _write_cache(progress_path, key, {"done": sorted(made.items()), "seconds": time.monotonic() - began})
+        if len(made) < len(instructions):
+            budget.check(f"{stage}: {len(made)} of {len(instructions)} answers made")
+
     answers = generate_answers(packed, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
-                               eos, progress)
-    stage = {"sequences": answers, "starts": [len(chat_ids(tokenizer, text)) for text in instructions]}
-    _write_cache(path, key, stage)
-    return stage
+                               eos, progress, done=done, on_batch=save)
+    result = {"sequences": answers, "starts": [len(chat_ids(tokenizer, text)) for text in instructions],
+              "seconds": round(time.monotonic() - began, 3)}
+    _write_cache(path, key, result)
+    progress_path.unlink(missing_ok=True)
+    budget.seconds[stage] = result["seconds"]
+    return result
 
 
 def split(corpus: dict, recipe: Recipe) -> tuple[list[int], list[int]]:
@@ -135,11 +212,15 @@ def split(corpus: dict, recipe: Recipe) -> tuple[list[int], list[int]]:
 
 
 def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path | None = None,
-               resume: bool = True, progress: bool = True) -> dict:
+               resume: bool = True, progress: bool = True, time_limit: float | None = None) -> dict:
     """Train the adapter(s) the recipe names; save the one for ``recipe.exit_layer`` to ``output``.
 
-    Returns the report: per candidate exit layer, the training log and the simulated acceptance grid.
+    Returns the report: per candidate exit layer, the training log and the simulated acceptance grid, and the
+    seconds each stage took (``stage_seconds``, summed over resumed runs). ``time_limit`` (minutes): past it, the
+    run stops at the next save point (a batch of answers, a shard of teacher features, an epoch) and raises
+    ``TimeLimit``; the same call then resumes there.
     """
+    budget = Budget(time_limit)
     dtype = resolve_dtype(recipe.dtype)
     hf_model, tokenizer = load_hf(model, dtype=dtype, device="cpu")
     if tokenizer is None:
@@ -152,9 +233,9 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
         if not 1 <= layer <= packed.config.num_layers - 1:
             raise ValueError(f"recipe exit layer {layer} is outside 1..{packed.config.num_layers - 1}")
     base_model = model_fingerprint(packed)
-    corpus = build_corpus(packed, tokenizer, recipe, eos, work_dir, progress, base_model)
-    features = teacher_features(hf_model, corpus["sequences"], layers, recipe.top_k, recipe.teacher_batch_size,
-                                progress)
+    corpus = build_corpus(packed, tokenizer, recipe, eos, work_dir, progress, base_model, budget)
+    features = cached_teacher_features(packed, corpus["sequences"], layers, recipe, work_dir,
+                                       cache_key(recipe, CORPUS_FIELDS + ("top_k",), base_model), progress, budget)
     train_idx, heldout_idx = split(corpus, recipe)
     vocab = None
     if recipe.draft_vocab_size:
@@ -165,7 +246,7 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
     report = {"recipe": asdict(recipe), "sequences": len(corpus["sequences"]),
               "train_tokens": sum(len(corpus["sequences"][i]) for i in train_idx),
               "heldout_answers": len(heldout_idx), "draft_vocab_size": None if vocab is None else int(vocab.numel()),
-              "layers": {}}
+              "layers": {}, "stage_seconds": budget.seconds}
     chosen = None
     for layer in layers:
         log: list = []
@@ -173,7 +254,8 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
         adapter = train_adapter(adapter, features, train_idx, heldout_idx, lm_head, packed.rope_cos,
                                 packed.rope_sin, recipe, checkpoint=work_dir / f"checkpoint-l{layer}.pt",
                                 resume=resume, progress=progress, log=log, loss_from=corpus["starts"],
-                                checkpoint_key=checkpoint_key(recipe, base_model, layer))
+                                checkpoint_key=checkpoint_key(recipe, base_model, layer), should_stop=budget.over)
+        budget.seconds[f"train exit layer {layer}"] = round(sum(entry.get("seconds", 0.0) for entry in log), 3)
         predictions = draft_predictions(adapter, features, heldout_idx, lm_head, packed.rope_cos, packed.rope_sin)
         grid = [simulate_rounds(predictions, starts, t, g) for t in THRESHOLDS for g in DRAFT_STEPS]
         report["layers"][layer] = {"log": log, "simulated": grid}

@@ -46,10 +46,14 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 # relative to the working directory: the checkout's bench/results when run from its root (`make bench`)
 DEFAULT_OUTPUT_DIR = Path("bench") / "results"
 
-METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo", "lookup")
+METHODS = ("hf", "hf_compile", "hf_early_exit", "hf_prompt_lookup", "vanilla", "kangaroo", "kangaroo_paper",
+           "lookup")
+#: The methods that draft with the adapter; ``kangaroo_paper`` is the paper's drafting alone (no context lookup).
+ADAPTER_METHODS = ("kangaroo", "kangaroo_paper")
 METHOD_LABELS = {"hf": "HF greedy", "hf_compile": "HF static+compile", "hf_early_exit": "HF early-exit assisted",
                  "hf_prompt_lookup": "HF prompt lookup", "vanilla": "kangaroo_fast vanilla",
-                 "kangaroo": "kangaroo_fast Kangaroo", "lookup": "kangaroo_fast lookup only", **PEER_LABELS}
+                 "kangaroo": "kangaroo_fast Kangaroo", "kangaroo_paper": "kangaroo_fast Kangaroo, paper drafting",
+                 "lookup": "kangaroo_fast lookup only", **PEER_LABELS}
 GREEDY_METHODS = ("hf", "hf_compile", "vanilla")
 
 
@@ -308,8 +312,8 @@ class Methods:
         result.target_forwards = len(result.tokens)  # greedy: one forward per token
         return result
 
-    def _engine(self, ids, speculate: bool, drafter: str = "kangaroo") -> MethodResult:
-        settings = self.settings if speculate else {}
+    def _engine(self, ids, speculate: bool, drafter: str = "kangaroo", **overrides) -> MethodResult:
+        settings = {**self.settings, **overrides} if speculate else {}
         out, seconds = self._timed(lambda: self.model.generate(ids, max_new_tokens=self.max_new_tokens,
                                                                speculate=speculate, drafter=drafter, **settings))
         s = out.stats
@@ -323,6 +327,10 @@ class Methods:
     def kangaroo(self, ids):
         return self._engine(ids, speculate=True)
 
+    def kangaroo_paper(self, ids):
+        """The paper's double early exit alone: the adapter's drafts, no context lookup."""
+        return self._engine(ids, speculate=True, lookup=0)
+
     def lookup(self, ids):
         return self._engine(ids, speculate=True, drafter="lookup")
 
@@ -331,7 +339,7 @@ class Methods:
             return self.peer.run(name, ids)
         return {"hf": self.hf_greedy, "hf_compile": self.hf_compile, "hf_early_exit": self.hf_early_exit,
                 "hf_prompt_lookup": self.hf_prompt_lookup, "vanilla": self.vanilla,
-                "kangaroo": self.kangaroo, "lookup": self.lookup}[name](ids)
+                "kangaroo": self.kangaroo, "kangaroo_paper": self.kangaroo_paper, "lookup": self.lookup}[name](ids)
 
 
 def default_methods() -> list[str]:
@@ -389,8 +397,9 @@ def run_benchmark(model, samples: list[Sample], methods: Iterable[str] = METHODS
     from .config import DecodeSettings
 
     DecodeSettings(**settings, max_new_tokens=max_new_tokens).validate(model.config.num_layers)  # before any run
-    if "kangaroo" in methods and model.adapter is None:
-        raise ValueError("the kangaroo method needs a model with an adapter")
+    for method in ADAPTER_METHODS:
+        if method in methods and model.adapter is None:
+            raise ValueError(f"the {method} method needs a model with an adapter")
     encode = encode or chat_encoder(model)
     if decode is None and model.tokenizer is not None:
         decode = lambda tokens: model.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -490,7 +499,7 @@ def summarise(records: list[dict], methods: list[str]) -> dict:
                      "mismatches": [f"{r['id']}#{r['turn']}@{r['first_difference']}" for r in mine
                                     if not r["same_as_hf"]]}
             rounds = sum(r["rounds"] or 0 for r in mine)
-            if method in ("kangaroo", "lookup", "vllm_ngram", "vllm_kangaroo") and rounds:
+            if method in (*ADAPTER_METHODS, "lookup", "vllm_ngram", "vllm_kangaroo") and rounds:
                 width = max((len(r["drafted_at"]) for r in mine), default=0)
                 drafted = [sum(r["drafted_at"][j] for r in mine if j < len(r["drafted_at"])) for j in range(width)]
                 accepted = [sum(r["accepted_at"][j] for r in mine if j < len(r["accepted_at"])) for j in range(width)]
@@ -541,10 +550,12 @@ def markdown_table(result: dict) -> str:
                                                              for c in categories) + " |")
     s = result["settings"]
     notes = [f"{s['dtype']} on {s['device']}, max_new_tokens={s['max_new_tokens']}"]
-    if {"kangaroo", "hf_early_exit"} & set(methods):
+    if {*ADAPTER_METHODS, "hf_early_exit"} & set(methods):
         notes[0] += f", exit layer {s['exit_layer']}"
-    if "kangaroo" in methods:
+    if set(ADAPTER_METHODS) & set(methods):
         notes[0] += f", η={s['threshold']}, γ={s['max_draft_steps']}, context lookup {s.get('lookup', 0)}"
+    if "kangaroo_paper" in methods:
+        notes[0] += " (paper drafting: none)"
     if "hf_prompt_lookup" in methods:
         notes[0] += f", prompt lookup {s['prompt_lookup_num_tokens']} tokens"
     notes[0] += (". tokens/s: all new tokens over all seconds of the generate calls (prefill included); "

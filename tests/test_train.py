@@ -216,3 +216,30 @@ def test_cli_train_time_limit_exits_75_and_names_where_it_stopped(tmp_path, caps
     assert code == cli.TIME_LIMIT_EXIT == 75
     assert "answers stage 1: 1 of 2 answers made" in capsys.readouterr().err
     assert (tmp_path / "work" / "corpus-stage1.progress.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_teacher_shards_resume_and_serve_fewer_layers(setup, tmp_path, monkeypatch):
+    """Teacher features are saved in shards: read back they equal what was computed; a run wanting fewer exit
+    layers reads the saved shards (no teacher pass); another corpus key, or a layer not saved, computes anew."""
+    from kangaroo_fast.train import recipe as recipes
+
+    monkeypatch.setattr(recipes, "TEACHER_SHARD", 10)
+    calls = []
+    compute = recipes.teacher_features
+    monkeypatch.setattr(recipes, "teacher_features", lambda *a, **k: calls.append(len(a[1])) or compute(*a, **k))
+    recipe = Recipe(top_k=8, teacher_batch_size=4)
+
+    def features(layers, key):
+        return recipes.cached_teacher_features(setup.packed, setup.sequences, layers, recipe, tmp_path, key,
+                                               False, recipes.Budget())
+
+    both = features([1, 2], {"corpus": 1})
+    assert calls == [10, 10, 4] and len(list(tmp_path.glob("teacher-*.pt"))) == 3
+    one = features([2], {"corpus": 1})
+    assert calls == [10, 10, 4] and list(one.hidden) == [2]
+    for got, made in [(one.hidden[2], both.hidden[2]), (one.top_ids, both.top_ids), (one.top_probs, both.top_probs)]:
+        assert len(got) == len(setup.sequences) and all(torch.equal(a, b) for a, b in zip(got, made))
+    features([2], {"corpus": 2})
+    assert calls == [10, 10, 4] * 2
+    features([3], {"corpus": 2})
+    assert calls == [10, 10, 4] * 3

@@ -139,17 +139,19 @@ def build_corpus(packed, tokenizer, recipe: Recipe, eos: set[int], work_dir: Pat
 def cached_teacher_features(packed, sequences: list[list[int]], layers: list[int], recipe: Recipe, work_dir: Path,
                             key: dict, progress: bool, budget: Budget) -> Features:
     """``teacher_features`` of every sequence, computed and saved in shards of ``TEACHER_SHARD`` sequences
-    (``teacher-NNNNN.pt`` under ``key`` and the exit layers); a shard saved with the same key is read back, so
-    an interrupted run resumes at the next shard. The features of a 1M-token corpus take about 1.3 GB per layer."""
+    (``teacher-NNNNN.pt`` under ``key``); a shard saved with the same key and at least these exit layers is read
+    back (these layers only), so an interrupted run resumes at the next shard, and a run training fewer layers
+    reuses a corpus's features. They take about 1.3 KB per token and exit layer."""
     shards = range(0, len(sequences), TEACHER_SHARD)
     parts: list[Features] = []
     seconds = 0.0
     for n, first in enumerate(tqdm(shards, desc="teacher", unit="shard", disable=not progress)):
         path = work_dir / f"teacher-{n:05d}.pt"
-        shard_key = {**key, "layers": sorted(layers), "shard": n, "shard_size": TEACHER_SHARD}
+        shard_key = {**key, "shard": n, "shard_size": TEACHER_SHARD}
         saved = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-        if saved is not None and differing_field(saved["key"], shard_key) is None:
-            parts.append(Features({int(l): h for l, h in saved["hidden"].items()}, saved["top_ids"],
+        if (saved is not None and differing_field(saved["key"], shard_key) is None
+                and {str(l) for l in layers} <= set(saved["hidden"])):
+            parts.append(Features({l: saved["hidden"][str(l)] for l in layers}, saved["top_ids"],
                                   saved["top_probs"]))
             seconds += saved["seconds"]
             continue

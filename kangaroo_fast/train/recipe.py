@@ -106,8 +106,9 @@ def build_corpus(packed, tokenizer, recipe: Recipe, eos: set[int], work_dir: Pat
     translations of their sentences). Each stage is cached on its own, and its answers batch by batch while it
     runs, so an interrupted run resumes; a cache made from other recipe fields or another ``base_model`` (its
     ``model_fingerprint``) is rebuilt. ``budget``: the run's time limit, and where each stage's seconds go."""
-    budget = budget or Budget()
     from .instructions import bootstrap_instructions, local_documentation_texts, training_instructions
+
+    budget = budget or Budget()
 
     path = work_dir / "corpus.json"
     key = cache_key(recipe, CORPUS_FIELDS, base_model)

@@ -1,6 +1,6 @@
 """End-to-end benchmark (``kangaroo-fast bench``) and settings sweep (``kangaroo-fast tune``).
 
-Six methods decode the same prompts with the same model, dtype and ``max_new_tokens``, one after another for each
+Eight methods decode the same prompts with the same model, dtype and ``max_new_tokens``, one after another for each
 prompt (the order rotating from prompt to prompt) so that machine drift hits all of them alike:
 
     hf              HF ``generate``, greedy: the baseline every speedup is quoted against
@@ -9,6 +9,7 @@ prompt (the order rotating from prompt to prompt) so that machine drift hits all
     hf_prompt_lookup HF prompt-lookup decoding
     vanilla         this engine without drafting
     kangaroo        this engine with Kangaroo drafting
+    kangaroo_paper  the same without the context lookup: the adapter's drafts alone, the paper's drafting
     lookup          this engine with the context lookup as its only drafter (prompt-lookup decoding, no adapter)
 
 and, when vLLM is installed, vLLM without and with its n-gram speculation and with Kangaroo drafts (``vllm``,

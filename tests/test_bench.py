@@ -206,6 +206,18 @@ def test_summary_statistics(tiny_result):
     assert summary["overall"]["kangaroo"]["drafts_per_round"] > 1.0
 
 
+def test_paper_drafting_method_copies_nothing(tiny):
+    """kangaroo_paper is Kangaroo with the context lookup off: with lookup 2 the default method copies drafts from
+    the repetitive prompt, the paper's drafting copies none yet drafts; both equal HF greedy in float32."""
+    result = benchmark.run_benchmark(tiny, SAMPLES[2:], ["hf", "kangaroo", "kangaroo_paper"], max_new_tokens=10,
+                                     encode=byte_encoder, decode=byte_decoder, settings={"lookup": 2})
+    rows = {r["method"]: r for r in result["records"]}
+    assert rows["kangaroo"]["lookup_drafts"] > 0
+    assert rows["kangaroo_paper"]["lookup_drafts"] == 0 and rows["kangaroo_paper"]["draft_steps"] > 0
+    assert all(r["same_as_hf"] for r in rows.values())
+    assert "paper drafting" in benchmark.markdown_table(result)
+
+
 def test_summarise_counts_by_hand():
     def record(method, tokens, seconds, forwards, **extra):
         return {"id": "a", "category": "qa", "turn": 0, "method": method, "new_tokens": tokens, "seconds": seconds,

@@ -1,4 +1,5 @@
-"""The Kangaroo adapter: RMSNorm -> multi-head self-attention with RoPE -> residual -> RMSNorm.
+"""The Kangaroo adapter: RMSNorm -> multi-head self-attention with RoPE -> residual -> RMSNorm (optionally with
+an MLP block after the attention: ``AdapterConfig.mlp_size``, keys ``MLP_KEYS``).
 
 It reads the hidden states after the first ``exit_layer`` decoder layers and, through the base model's LM head,
 predicts the full model's next token. The checkpoint format is the official Kangaroo one: ``config.json`` plus
@@ -28,6 +29,14 @@ WEIGHT_KEYS = (
     "layers.0.self_attn.o_proj.weight",
     "norm.weight",
 )
+#: The optional MLP after the attention (``AdapterConfig.mlp_size`` > 0), in HF Llama's names: a stronger adapter
+#: than the paper's (one more residual block, RMSNorm -> SwiGLU), beside the official keys.
+MLP_KEYS = (
+    "layers.0.post_attention_layernorm.weight",
+    "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight",
+    "layers.0.mlp.down_proj.weight",
+)
 
 
 @dataclass
@@ -42,6 +51,7 @@ class AdapterConfig:
     threshold: float = 0.6
     max_draft_steps: int = 6
     lookup: int = 0  # context lookup's longest n-gram (0: off, as the official checkpoints have none)
+    mlp_size: int = 0  # the MLP's intermediate size after the attention (0: none, the paper's adapter)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -57,7 +67,8 @@ class AdapterConfig:
                 "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
                 "vocab_size": self.vocab_size, "rms_norm_eps": self.rms_norm_eps,
                 "kangaroo": {"exit_layer": self.exit_layer, "threshold": self.threshold,
-                             "max_draft_steps": self.max_draft_steps, "lookup": self.lookup, **self.extra}}
+                             "max_draft_steps": self.max_draft_steps, "lookup": self.lookup,
+                             **({"mlp_size": self.mlp_size} if self.mlp_size else {}), **self.extra}}
 
     @classmethod
     def from_json(cls, data) -> "AdapterConfig":
@@ -78,7 +89,11 @@ class AdapterConfig:
         if not isinstance(settings, dict):
             raise ValueError(f"adapter config.json: 'kangaroo' must be a JSON object, not {type(settings).__name__}")
         settings = dict(settings)
-        known = {k: settings.pop(k) for k in ("exit_layer", "threshold", "max_draft_steps", "lookup") if k in settings}
+        known = {k: settings.pop(k) for k in ("exit_layer", "threshold", "max_draft_steps", "lookup", "mlp_size")
+                 if k in settings}
+        mlp_size = known.get("mlp_size", 0)
+        if not is_int(mlp_size) or mlp_size < 0:
+            raise ValueError(f"adapter config.json: kangaroo mlp_size={mlp_size!r} must be an integer >= 0")
         heads = data["num_attention_heads"]
         config = cls(hidden_size=data["hidden_size"], num_attention_heads=heads,
                      num_key_value_heads=data.get("num_key_value_heads") or heads,
@@ -113,15 +128,21 @@ class AdapterConfig:
 
 def adapter_block(ops, hidden: torch.Tensor, input_norm: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor,
                   eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  start, num_heads: int, num_kv_heads: int, end: int | None = None) -> torch.Tensor:
+                  start, num_heads: int, num_kv_heads: int, end: int | None = None,
+                  mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The adapter's maths before its final norm, once for every caller: hidden [B, T, H] (layer-l states at
     positions start..start+T-1) -> hidden + o(attention(rope(qkv(rms_norm(hidden))))), writing the new keys/values
     into the caches. ``ops`` is a backend (the engine's, or the reference for training); ``cos``/``sin`` are the
     whole [S, D] tables in the activation dtype; ``start`` an int or per-sequence [B] tensor and ``end`` the keys'
-    bound, as the ops take them."""
+    bound, as the ops take them. ``mlp``: (post-attention norm, stacked gate/up, down) of an adapter with an MLP,
+    which then adds x + mlp(rms_norm(x)) as a decoder layer does."""
     q = ops.qkv_rope_cache_write(hidden, input_norm, eps, w_qkv, None, cos, sin, k_cache, v_cache, start, num_heads,
                                  num_kv_heads)
-    return ops.linear_residual(ops.attention(q, k_cache, v_cache, start, end=end), w_o, hidden)
+    x = ops.linear_residual(ops.attention(q, k_cache, v_cache, start, end=end), w_o, hidden)
+    if mlp is None:
+        return x
+    post_norm, w_gate_up, w_down = mlp
+    return ops.norm_mlp_residual(x, post_norm, eps, w_gate_up, w_down)
 
 
 class Adapter(nn.Module):
@@ -138,6 +159,11 @@ class Adapter(nn.Module):
         self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
         self.norm = nn.Parameter(torch.ones(h))
+        if config.mlp_size:
+            self.post_norm = nn.Parameter(torch.ones(h))
+            self.gate_proj = nn.Linear(h, config.mlp_size, bias=False)
+            self.up_proj = nn.Linear(h, config.mlp_size, bias=False)
+            self.down_proj = nn.Linear(config.mlp_size, h, bias=False)
         if draft_vocab is not None:
             draft_vocab = _checked_draft_vocab(torch.as_tensor(draft_vocab), config.vocab_size)
         self.register_buffer("draft_vocab", draft_vocab, persistent=False)
@@ -155,8 +181,14 @@ class Adapter(nn.Module):
         v_cache = torch.zeros_like(k_cache)
         out = adapter_block(ops, hidden, self.input_norm, self.qkv_weight(), self.o_proj.weight, c.rms_norm_eps,
                             cos.to(hidden.dtype), sin.to(hidden.dtype), k_cache, v_cache, 0,
-                            c.num_attention_heads, c.num_key_value_heads)
+                            c.num_attention_heads, c.num_key_value_heads, mlp=self.mlp_weights())
         return ops.rms_norm(out, self.norm, c.rms_norm_eps)
+
+    def mlp_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(post-attention norm, gate and up stacked as one [2I, H] matrix, down) of the MLP; None without one."""
+        if not self.config.mlp_size:
+            return None
+        return self.post_norm, torch.cat([self.gate_proj.weight, self.up_proj.weight], dim=0), self.down_proj.weight
 
     def qkv_weight(self) -> torch.Tensor:
         """q, k and v projections stacked as one [(Hq + 2 Hkv) D, H] matrix, the engine's layout."""
@@ -168,8 +200,13 @@ class Adapter(nn.Module):
 
     # ---- the official checkpoint format ----------------------------------------------------------------------
     def official_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(WEIGHT_KEYS, (self.input_norm, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
-                                      self.o_proj.weight, self.norm)))
+        """The official keys (and, with an MLP, ``MLP_KEYS``) -> this adapter's tensors."""
+        state = dict(zip(WEIGHT_KEYS, (self.input_norm, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                                       self.o_proj.weight, self.norm)))
+        if self.config.mlp_size:
+            state.update(zip(MLP_KEYS, (self.post_norm, self.gate_proj.weight, self.up_proj.weight,
+                                        self.down_proj.weight)))
+        return state
 
     def save(self, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
         """Write config.json, model.safetensors, (with a draft vocabulary) draft_vocab.safetensors and
@@ -224,7 +261,7 @@ class Adapter(nn.Module):
             raise FileNotFoundError(f"adapter directory {str(path)!r} has neither model.safetensors "
                                     "nor pytorch_model.bin")
         state = read_tensors(weights_file)
-        missing = [k for k in WEIGHT_KEYS if k not in state]
+        missing = [k for k in WEIGHT_KEYS + (MLP_KEYS if config.mlp_size else ()) if k not in state]
         if missing:
             raise ValueError(f"adapter checkpoint {str(path)!r} lacks {', '.join(missing)}")
         draft_vocab = None

@@ -59,6 +59,10 @@ class AdapterWeights:
     norm: torch.Tensor
     head: torch.Tensor
     vocab: torch.Tensor | None
+    # an adapter with an MLP after its attention (``AdapterConfig.mlp_size``): its norm, stacked gate/up, down
+    post_norm: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
 
 
 @dataclass
@@ -135,13 +139,16 @@ class Engine:
             self.adapter = adapter
             with torch.no_grad():
                 vocab = adapter.draft_vocab
+                mlp = adapter.mlp_weights()
+                mlp = {} if mlp is None else {name: t.detach().to(device, dtype)
+                                              for name, t in zip(("post_norm", "gate_up", "down"), mlp)}
                 self.a = AdapterWeights(
                     input_norm=adapter.input_norm.detach().to(device, dtype),
                     qkv=adapter.qkv_weight().detach().to(device, dtype),
                     o=adapter.o_proj.weight.detach().to(device, dtype),
                     norm=adapter.norm.detach().to(device, dtype),
                     head=adapter.head_weight(packed.lm_head).to(device, dtype).contiguous(),
-                    vocab=None if vocab is None else vocab.to(device))
+                    vocab=None if vocab is None else vocab.to(device), **mlp)
         self._wide = self._widened(packed, self.ops.product_dtype(dtype, device))
         if self.graph_mode == "compile":  # the compiled steps fold the weights in as constants
             self.w = FrozenWeights.of(packed)
@@ -160,7 +167,9 @@ class Engine:
             return None
         a = None
         if self.adapter is not None:
-            a = replace(self.a, qkv=self.a.qkv.to(products), o=self.a.o.to(products), head=self.a.head.to(products))
+            a = replace(self.a, qkv=self.a.qkv.to(products), o=self.a.o.to(products), head=self.a.head.to(products),
+                        **({} if self.a.gate_up is None else {"gate_up": self.a.gate_up.to(products),
+                                                              "down": self.a.down.to(products)}))
         return packed.with_products_in(products), a
 
     def _weights(self, x: torch.Tensor) -> tuple:
@@ -262,8 +271,9 @@ class Engine:
         """The adapter block (before its final norm) on layer-l states h [B, T, H], writing its cache."""
         k_cache, v_cache = self.adapter_cache.layer(0)
         a = self._weights(h)[1]
+        mlp = None if a.gate_up is None else (a.post_norm, a.gate_up, a.down)
         return adapter_block(self.ops, h, a.input_norm, a.qkv, a.o, self.cfg.rms_norm_eps, self.cos, self.sin,
-                             k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads, end)
+                             k_cache, v_cache, start, self.cfg.num_heads, self.cfg.num_kv_heads, end, mlp)
 
     def _targets(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weights(x)[0]

@@ -8,7 +8,7 @@ import torch
 
 import kangaroo_fast
 from kangaroo_fast import Adapter, AdapterConfig, ModelConfig
-from kangaroo_fast.adapter import WEIGHT_KEYS
+from kangaroo_fast.adapter import MLP_KEYS, WEIGHT_KEYS
 
 from conftest import random_adapter, random_prompt, tiny_model
 
@@ -26,8 +26,9 @@ def model_config(model):
 def _assert_same_adapter(a: Adapter, b: Adapter) -> None:
     assert a.config == b.config
     sa, sb = a.official_state_dict(), b.official_state_dict()
-    assert list(sa) == list(WEIGHT_KEYS) == list(sb)
-    for key in WEIGHT_KEYS:
+    keys = WEIGHT_KEYS + (MLP_KEYS if a.config.mlp_size else ())
+    assert list(sa) == list(keys) == list(sb)
+    for key in keys:
         assert sa[key].dtype == sb[key].dtype
         assert torch.equal(sa[key], sb[key]), key
     if a.draft_vocab is None:
@@ -241,3 +242,48 @@ def test_interrupted_save_leaves_the_previous_adapter_whole(tmp_path, model, mod
     new.save(path)
     _assert_same_adapter(new, Adapter.load(path, model_config))
     assert not (path / "recipe.json").exists() and not (path / "draft_vocab.safetensors").exists()
+
+
+def test_adapter_with_mlp_round_trip_and_missing_mlp_key(tmp_path, model, model_config):
+    """An adapter with an MLP after its attention saves its size in the kangaroo section and its weights under
+    HF Llama's MLP names beside the official keys; it loads back equal, decodes losslessly, and a checkpoint
+    lacking an MLP tensor its config asks for names it."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = random_adapter(model, 2, seed=9, mlp_size=20, threshold=0.0, max_draft_steps=3)
+    path = adapter.save(tmp_path / "mlp")
+    data = json.loads((path / "config.json").read_text())
+    assert data["kangaroo"]["mlp_size"] == 20
+    loaded = Adapter.load(path, model_config)
+    _assert_same_adapter(adapter, loaded)
+    prompt = random_prompt(model.config.vocab_size, 9, seed=2)
+    reference = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    out = kangaroo_fast.load(model, adapter=loaded).generate(prompt, max_new_tokens=12, eos_token_id=[])
+    assert out.tokens == reference and out.stats.draft_steps > 0
+    state = load_file(str(path / "model.safetensors"))
+    del state["layers.0.mlp.down_proj.weight"]
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="layers.0.mlp.down_proj.weight"):
+        Adapter.load(path)
+    data["kangaroo"]["mlp_size"] = -1
+    (path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="mlp_size=-1"):
+        Adapter.load(path)
+
+
+def test_engine_runs_the_adapters_mlp_as_training_does(model):
+    """The engine's adapter block (a prefill's states through ``Engine._adapter``) equals ``Adapter.forward``,
+    which training uses, for an adapter with an MLP; the MLP changes the output (it is not skipped)."""
+    adapter = random_adapter(model, 2, seed=11, mlp_size=20)
+    engine = kangaroo_fast.load(model, adapter=adapter).engine
+    ids = random_prompt(model.config.vocab_size, 13, seed=5)
+    states, _ = engine.forward_states(ids, [2])
+    hidden = states[2]
+    cos, sin = engine.w.rope_cos[:13], engine.w.rope_sin[:13]
+    expected = adapter(hidden, cos, sin)
+    eps = adapter.config.rms_norm_eps
+    got = engine.ops.rms_norm(engine._adapter(hidden, 0), engine.a.norm, eps)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    adapter.config.mlp_size = 0  # the same weights read without their MLP
+    assert not torch.allclose(adapter(hidden, cos, sin), expected, atol=1e-2)

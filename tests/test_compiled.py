@@ -310,3 +310,16 @@ def test_step_configuration_holds_only_while_it_compiles(monkeypatch):
     finally:
         if record in torch._dynamo.callback_handler.start_callbacks:
             torch._dynamo.callback_handler.remove_start_callback(record)
+
+
+@pytest.mark.parametrize("backend,graphs", [("torch", "eager"), ("inductor", "compile")])
+def test_adapter_with_mlp_in_the_step_loops_matches_hf(case, backend, graphs):
+    """An adapter with an MLP block drafts through the step loop (uncaptured graph steps, and compiled steps with
+    its weights frozen in) and the output stays HF's greedy output; with threshold 0 it drafts every round."""
+    model, prompts, refs, _ = case
+    adapter = random_adapter(model, 2, seed=8, mlp_size=24, threshold=0.0, max_draft_steps=3)
+    km = kangaroo_fast.load(model, adapter=adapter, backend=backend, graphs=graphs)
+    for ids, ref in zip(prompts, refs):
+        out = km.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+        assert out.tokens == ref
+        assert out.stats.draft_steps > 0

@@ -22,8 +22,8 @@ def setup():
     return synthetic_setup()
 
 
-def _train(setup, recipe, **kwargs):
-    adapter = copy.deepcopy(setup.adapter)
+def _train(setup, recipe, adapter=None, **kwargs):
+    adapter = copy.deepcopy(setup.adapter if adapter is None else adapter)
     log = []
     adapter = train_adapter(adapter, setup.features, setup.train_idx, setup.heldout_idx, setup.lm_head, setup.cos,
                             setup.sin, recipe, progress=False, log=log, **kwargs)
@@ -57,9 +57,17 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(_state(resumed)[key], value, rtol=1e-6, atol=1e-7)
 
 
-def test_simulated_acceptance_equals_engine(setup):
+@pytest.mark.parametrize("mlp_size", [0, 24])
+def test_simulated_acceptance_equals_engine(setup, mlp_size):
+    """The engine drafts what training's Adapter.forward predicts, the paper's adapter and one with an MLP."""
+    from kangaroo_fast.train.distill import init_adapter
+
     recipe = Recipe(epochs=3, batch_size=4, lr=3e-3, warmup_steps=2)
-    adapter, _ = _train(setup, recipe)
+    start = setup.adapter if not mlp_size else init_adapter(
+        setup.packed.config, setup.packed.final_norm, setup.adapter.draft_vocab, 2, seed=0, mlp_size=mlp_size)
+    adapter, _ = _train(setup, recipe, adapter=start)
+    if mlp_size:
+        assert adapter.down_proj.weight.abs().sum() > 0  # trained away from its identity start
     predictions = draft_predictions(adapter, setup.features, setup.heldout_idx, setup.lm_head, setup.cos, setup.sin)
     model = kf.KangarooModel(setup.hf, None, adapter)
     for threshold, steps in [(0.0, 6), (0.3, 3), (1.0, 4)]:
@@ -243,3 +251,28 @@ def test_teacher_shards_resume_and_serve_fewer_layers(setup, tmp_path, monkeypat
     assert calls == [10, 10, 4] * 2
     features([3], {"corpus": 2})
     assert calls == [10, 10, 4] * 3
+
+
+def test_recipes_differing_in_training_keep_their_own_checkpoints(tmp_path):
+    """Two recipes that differ only in training (here an MLP after the adapter's attention) share one work folder:
+    the corpus and teacher features are made once, each keeps its own checkpoint, and a rerun of the first
+    resumes its finished checkpoint (same adapter) instead of retraining over the second's."""
+    from kangaroo_fast.train.recipe import run_recipe
+
+    work = tmp_path / "work"
+    plain = Recipe(n_instructions=2, max_new_tokens=4, doc_chars=0, draft_vocab_size=64, top_k=8, epochs=1,
+                   batch_size=2, warmup_steps=1, heldout_fraction=0.5, gen_batch_size=4, teacher_batch_size=4,
+                   dtype="float32")
+    with_mlp = Recipe(**{**vars(plain), "adapter_mlp": 16})
+    run_recipe(plain, tmp_path / "plain", work_dir=work, progress=False)
+    corpus_written = (work / "corpus.json").stat().st_mtime_ns
+    run_recipe(with_mlp, tmp_path / "mlp", work_dir=work, progress=False)
+    assert (work / "corpus.json").stat().st_mtime_ns == corpus_written
+    assert len(list(work.glob("checkpoint-l2-*.pt"))) == 2
+    assert json.loads((tmp_path / "mlp" / "config.json").read_text())["kangaroo"]["mlp_size"] == 16
+    assert "mlp_size" not in json.loads((tmp_path / "plain" / "config.json").read_text())["kangaroo"]
+    written = {path: path.stat().st_mtime_ns for path in work.glob("checkpoint-l2-*.pt")}
+    report = run_recipe(plain, tmp_path / "again", work_dir=work, progress=False)
+    assert {path: path.stat().st_mtime_ns for path in work.glob("checkpoint-l2-*.pt")} == written  # none retrained
+    assert [entry["epoch"] for entry in report["layers"][2]["log"]] == [1]  # the log kept in the checkpoint
+    assert _weights(tmp_path / "again") == _weights(tmp_path / "plain")

@@ -55,6 +55,7 @@ class Recipe:
     teacher_batch_size: int = 8
     dtype: str = "bfloat16"
     answer_only_loss: bool = False  # count only answer positions (those drafting sees), not prompts or docs
+    adapter_mlp: int = 0  # intermediate size of an MLP after the adapter's attention (0: the paper's adapter)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -74,6 +75,8 @@ class Recipe:
             if not _same_kind(value, defaults[key]):
                 raise ValueError(f"recipe {str(path)!r}: {key}={value!r} must be of the kind of its default "
                                  f"{defaults[key]!r}")
+        if data.get("adapter_mlp", 0) < 0:
+            raise ValueError(f"recipe {str(path)!r}: adapter_mlp={data['adapter_mlp']!r} must be >= 0 (0: no MLP)")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -101,14 +104,19 @@ def _is_main() -> bool:
 
 
 def init_adapter(model_config: ModelConfig, final_norm: torch.Tensor, draft_vocab: torch.Tensor | None,
-                 exit_layer: int, seed: int) -> Adapter:
-    """Small random q/k/v, zero o_proj (the adapter starts as the identity), final norm = the model's."""
+                 exit_layer: int, seed: int, mlp_size: int = 0) -> Adapter:
+    """Small random q/k/v (and MLP gate/up), zero o_proj (and MLP down): the adapter starts as the identity;
+    final norm = the model's."""
     torch.manual_seed(seed)
-    adapter = Adapter(AdapterConfig.for_model(model_config, exit_layer=exit_layer), draft_vocab)
+    adapter = Adapter(AdapterConfig.for_model(model_config, exit_layer=exit_layer, mlp_size=mlp_size), draft_vocab)
     with torch.no_grad():
         for proj in (adapter.q_proj, adapter.k_proj, adapter.v_proj):
             proj.weight.normal_(0.0, 0.02)
         adapter.o_proj.weight.zero_()
+        if mlp_size:
+            adapter.gate_proj.weight.normal_(0.0, 0.02)
+            adapter.up_proj.weight.normal_(0.0, 0.02)
+            adapter.down_proj.weight.zero_()
         adapter.norm.copy_(final_norm.float())
     return adapter
 

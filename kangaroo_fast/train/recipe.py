@@ -253,17 +253,21 @@ def run_recipe(recipe: Recipe, output: Path | None, model=None, work_dir: Path |
     chosen = None
     for layer in layers:
         log: list = []
-        adapter = init_adapter(packed.config, packed.final_norm, vocab, layer, recipe.seed)
+        adapter = init_adapter(packed.config, packed.final_norm, vocab, layer, recipe.seed, recipe.adapter_mlp)
+        key = checkpoint_key(recipe, base_model, layer)
+        # named by its key too: recipes differing only in training (an MLP, the epochs) share a work folder's
+        # corpus and teacher features, each with its own checkpoint
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         adapter = train_adapter(adapter, features, train_idx, heldout_idx, lm_head, packed.rope_cos,
-                                packed.rope_sin, recipe, checkpoint=work_dir / f"checkpoint-l{layer}.pt",
+                                packed.rope_sin, recipe, checkpoint=work_dir / f"checkpoint-l{layer}-{name}.pt",
                                 resume=resume, progress=progress, log=log, loss_from=corpus["starts"],
-                                checkpoint_key=checkpoint_key(recipe, base_model, layer), should_stop=budget.over)
+                                checkpoint_key=key, should_stop=budget.over)
         budget.seconds[f"train exit layer {layer}"] = round(sum(entry.get("seconds", 0.0) for entry in log), 3)
         predictions = draft_predictions(adapter, features, heldout_idx, lm_head, packed.rope_cos, packed.rope_sin)
         grid = [simulate_rounds(predictions, starts, t, g) for t in THRESHOLDS for g in DRAFT_STEPS]
         report["layers"][layer] = {"log": log, "simulated": grid}
         if _is_main():
-            adapter.save(work_dir / f"adapter-l{layer}")
+            adapter.save(work_dir / f"adapter-l{layer}-{name}")
         if layer == recipe.exit_layer:
             chosen = adapter
     if output is not None and _is_main():

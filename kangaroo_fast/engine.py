@@ -282,8 +282,8 @@ class Engine:
     # ---- sampling pieces (temperature > 0) -------------------------------------------------------------------
     def _propose_sampled(self, adapter_out: torch.Tensor, settings: DecodeSettings,
                          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From adapter outputs [B, H], draw draft tokens from the processed draft distributions q: (token ids [B], the raw distribution's
-        top-1 probability [B] for the confidence stop, q over the full vocabulary [B, V])."""
+        """From adapter outputs [B, H], draw draft tokens from the processed draft distributions q: (token ids [B],
+        the raw distribution's top-1 probability [B] for the confidence stop, q over the full vocabulary [B, V])."""
         c, a = self.cfg, self._weights(adapter_out)[1]
         logits = self.ops.linear(self.ops.rms_norm(adapter_out, a.norm, c.rms_norm_eps), a.head).float()
         confidence = logits.softmax(-1).amax(-1)

@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from kangaroo_fast.models import load_hf, pack_model
-    from kangaroo_fast.train.data import batch_backend, chat_ids, greedy_decoder, teacher_features
+    from kangaroo_fast.backend import default_backend_name
+    from kangaroo_fast.train.data import chat_ids, greedy_decoder, teacher_features
 
     dtype = getattr(torch, args.dtype)
     hf, tokenizer = load_hf(None, dtype=dtype, device="cpu")
     packed = pack_model(hf)
     prompts = [chat_ids(tokenizer, f"Write a long story about the number {i}.") for i in range(args.batch)]
-    default = batch_backend(packed.device, packed.dtype)
+    default = default_backend_name(packed.device, packed.dtype)
     for backend in (default, "torch"):
         decode = greedy_decoder(packed, max(map(len, prompts)) + args.new_tokens + 1, backend=backend)
         decode(prompts[:2], 2, set())  # warm-up

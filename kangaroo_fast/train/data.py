@@ -58,11 +58,13 @@ def greedy_decoder(packed, max_len: int, backend: str | None = None):
     token-id prompts of any lengths, in one batch, by one engine over ``packed`` and a cache of ``max_len``.
 
     ``backend``: the engine's backend, run eagerly (nothing compiled: every batch has its own shapes); None: the
-    device's default (``batch_backend``)."""
+    device's default, whose products of several rows are the fast ones (on a CPU without bf16 matrix
+    instructions, FBGEMM's float16 weights: about 4x torch's bf16 products there, the same numbers but for the
+    order of the sums)."""
     from ..config import DecodeSettings
     from ..engine import Engine
 
-    engine = Engine(packed, backend or batch_backend(packed.device, packed.dtype), max_len, graphs=False)
+    engine = Engine(packed, backend, max_len, graphs=False)
 
     def decode(prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
         settings = DecodeSettings(exit_layer=1, max_new_tokens=max_new_tokens)  # no drafting: no exit layer used
@@ -70,15 +72,6 @@ def greedy_decoder(packed, max_len: int, backend: str | None = None):
         return [tokens for tokens, _ in engine.generate_batch(ids, settings, eos_ids, speculate=False)]
 
     return decode
-
-
-def batch_backend(device: torch.device | str, dtype: torch.dtype) -> str:
-    """The backend that decodes batches fastest eagerly here: the device's default (``default_backend_name``),
-    whose products of several rows are the fast ones (on a CPU without bf16 matrix instructions, FBGEMM's float16
-    weights: about 4x torch's bf16 products there, the same numbers but for the order of the sums)."""
-    from ..backend import default_backend_name
-
-    return default_backend_name(device, dtype)
 
 
 def document_chunks(tokenizer, texts: list[str], chunk_tokens: int) -> list[list[int]]:
@@ -109,15 +102,15 @@ def teacher_features(packed, sequences: list[list[int]], exit_layers: list[int],
                      progress: bool = True, backend: str | None = None) -> Features:
     """Run the full model (``packed``) over each sequence once (right-padded batches of similar lengths, so
     padding never reaches real positions) and keep what distillation needs. The engine's ``forward_states`` over
-    ``backend`` (None: ``batch_backend``, eager) computes it; in float32 it matches HF's forward (tests)."""
+    ``backend`` (None: the device's default, as ``greedy_decoder``; eager) computes it; in float32 it matches HF's
+    forward (tests)."""
     from ..engine import Engine
 
     hidden: dict[int, list] = {l: [None] * len(sequences) for l in exit_layers}
     top_ids: list = [None] * len(sequences)
     top_probs: list = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    engine = Engine(packed, backend or batch_backend(packed.device, packed.dtype),
-                    max(len(s) for s in sequences), graphs=False)
+    engine = Engine(packed, backend, max(len(s) for s in sequences), graphs=False)
     for start in tqdm(range(0, len(order), batch_size), desc="teacher", disable=not progress):
         idx = order[start:start + batch_size]
         width = max(len(sequences[i]) for i in idx)

@@ -35,6 +35,7 @@ import torch
 
 from .adapter import Adapter, adapter_block
 from .backend import resolve_backend
+from .backend.torch_ref import top1
 from .cache import StaticKVCache
 from .config import DecodeSettings
 from .drafting import Drafter, HeadProposal, Proposal
@@ -286,7 +287,7 @@ class Engine:
         the raw distribution's top-1 probability [B] for the confidence stop, q over the full vocabulary [B, V])."""
         c, a = self.cfg, self._weights(adapter_out)[1]
         logits = self.ops.linear(self.ops.rms_norm(adapter_out, a.norm, c.rms_norm_eps), a.head).float()
-        confidence = logits.softmax(-1).amax(-1)
+        confidence = top1(logits)[1]
         q = target_probs(logits, settings)
         index = sample(q, generator)
         if self.draft_vocab is None:

@@ -213,9 +213,7 @@ class TorchBackend:
 
         ``head_weight`` is [V_draft, H]: the LM head's rows of the draft vocabulary (or all of it).
         """
-        logits = cls.linear(cls.rms_norm(x, norm_weight, eps), head_weight).float()
-        best, index = logits.max(-1)  # the first maximum; its softmax probability is 1 / sum(exp(logits - best))
-        return index, (logits - best.unsqueeze(-1)).exp().sum(-1).reciprocal()
+        return top1(cls.linear(cls.rms_norm(x, norm_weight, eps), head_weight).float())
 
     @classmethod
     def verify_head(cls, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -229,6 +227,13 @@ class TorchBackend:
         k = drafts.shape[1]
         match = (drafts == targets[:, :k]).to(torch.int64)
         return match.cumprod(dim=1).sum(dim=1)
+
+
+def top1(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [..., V] -> (index of the first maximum, its softmax probability 1 / sum(exp(logits - max))): two
+    reductions, the draft's token and its confidence (the Triton draft head computes the same)."""
+    best, index = logits.max(-1)
+    return index, (logits - best.unsqueeze(-1)).exp().sum(-1).reciprocal()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

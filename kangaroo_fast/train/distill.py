@@ -315,10 +315,13 @@ def draft_predictions(adapter: Adapter, features: Features, indices: list[int], 
     return out
 
 
-def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_steps: int) -> dict:
+def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_steps: int,
+                    cumulative: bool = False) -> dict:
     """Replay the engine's draft/accept rule along each answer (teacher-forced drafts are exactly the drafts
     the engine makes while they are correct). Returns mean tokens per round (exact) and drafts per round (exact
-    for thresholds 0 and 1; otherwise an estimate, as drafts after a rejected one see the right token here)."""
+    for thresholds 0 and 1; otherwise an estimate, as drafts after a rejected one see the right token here).
+    ``cumulative``: drafting stops once the product of the round's confidences so far falls below ``threshold``
+    (the chance, were they calibrated, that every draft so far is accepted) instead of the newest one alone."""
     rounds = tokens = drafts_total = 0
     for (correct, conf), start in zip(predictions, starts):
         end = correct.shape[0]
@@ -326,6 +329,7 @@ def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_
         while p < end - 1:
             drafts = accepted = 0
             ok = True
+            chance = 1.0
             # as the engine: k drafts may emit k + 1 tokens, so they stop where the answer would overrun
             while drafts < max_draft_steps and p + drafts < end - 2:
                 drafts += 1
@@ -333,12 +337,13 @@ def simulate_rounds(predictions, starts: list[int], threshold: float, max_draft_
                     accepted += 1
                 else:
                     ok = False
-                if float(conf[p + drafts - 1]) < threshold:
+                chance = chance * float(conf[p + drafts - 1]) if cumulative else float(conf[p + drafts - 1])
+                if chance < threshold:
                     break
             emitted = min(accepted + 1, end - 1 - p)
             rounds += 1
             tokens += emitted
             drafts_total += drafts
             p += emitted
-    return {"threshold": threshold, "max_draft_steps": max_draft_steps,
+    return {"threshold": threshold, "max_draft_steps": max_draft_steps, "cumulative": cumulative,
             "mean_accepted": tokens / max(rounds, 1), "drafts_per_round": drafts_total / max(rounds, 1)}

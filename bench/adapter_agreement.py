@@ -21,7 +21,8 @@ round's confidences < τ), the replayed tokens and drafts per round and a modell
 tokens / (1 + c * drafts) per round, with ``--draft-cost`` c the cost of one draft (its draft step and its share of
 a wider verification) in vanilla steps. The default 0.28 is what the report split's paper drafting measured on a
 2-core AVX2 EPYC (``bench/results/bench-avx2-eta06-cpu.md``: 1.41 tokens per round at 1.04x vanilla with 1.28 drafts
-per round: (1.41 / 1.04 - 1) / 1.28). Choose a rule on ``--split tune`` only.
+per round: (1.41 / 1.04 - 1) / 1.28). Choose a rule on ``--split tune`` only. It also reports the share of the
+full model's tokens the draft head can propose at all (those in its draft vocabulary).
 """
 from __future__ import annotations
 
@@ -68,17 +69,22 @@ def main(argv: list[str] | None = None) -> int:
                                     model.packed.lm_head.float(), model.packed.rope_cos, model.packed.rope_sin)
     by_category: dict[str, list[torch.Tensor]] = {}
     copies: dict[str, list[torch.Tensor]] = {}
+    covered: dict[str, list[torch.Tensor]] = {}
     for (correct, _), start, p, seq, top in zip(predictions, starts, prompts, sequences, features.top_ids):
         by_category.setdefault(p["category"], []).append(correct[start:-1].float())
         copies.setdefault(p["category"], []).append(context_copy_right(seq, start, top[:, 0].tolist()))
+        covered.setdefault(p["category"], []).append(in_draft_vocab(top[start:-1, 0], model.adapter.draft_vocab))
     agree = {c: torch.cat(v) for c, v in by_category.items()}
     copy = {c: torch.cat(v) for c, v in copies.items()}
+    vocab = {c: torch.cat(v).float() for c, v in covered.items()}
     result = {"adapter": args.adapter or "shipped", "max_new_tokens": args.max_new_tokens,
               "top1_by_category": {c: float(v.mean()) for c, v in agree.items()},
               "top1": float(torch.cat(list(agree.values())).mean()),
               "copy_by_category": {c: float(v.float().mean()) for c, v in copy.items()},
               "top1_where_copy_right_by_category": {c: float(agree[c][v].mean()) if bool(v.any()) else None
                                                     for c, v in copy.items()},
+              "draft_vocab_coverage_by_category": {c: float(v.mean()) for c, v in vocab.items()},
+              "draft_vocab_coverage": float(torch.cat(list(vocab.values())).mean()),
               "split": args.split, "prompts": len(prompts),
               "simulated": [simulate_rounds(predictions, starts, t, g) for t in (0.0, 0.3, 0.5) for g in (4, 8)],
               "calibration": calibration(predictions, starts),
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{category:14s} top-1 agreement {value:.3f}; copy {result['copy_by_category'][category]:.3f}, "
               f"top-1 where copy is right {'–' if where is None else f'{where:.3f}'}")
     print(f"{'all':14s} top-1 agreement {result['top1']:.3f}")
+    print(f"targets in the draft vocabulary: {result['draft_vocab_coverage']:.3f} (per category: "
+          + ", ".join(f"{c} {v:.3f}" for c, v in result["draft_vocab_coverage_by_category"].items()) + ")")
     for row in result["simulated"]:
         print(f"η={row['threshold']:.1f} γ={row['max_draft_steps']}: {row['mean_accepted']:.2f} tokens per round, "
               f"{row['drafts_per_round']:.2f} drafts per round")
@@ -106,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def in_draft_vocab(targets: torch.Tensor, draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    """Per target token id: can the draft head propose it at all (is it in the draft vocabulary; all are without
+    one)? [T] bool."""
+    if draft_vocab is None:
+        return torch.ones(targets.shape, dtype=torch.bool)
+    return torch.isin(targets.long(), draft_vocab.long())
 
 
 def calibration(predictions, starts: list[int], bins: int = 10) -> list[dict]:

@@ -75,3 +75,11 @@ def test_calibration_counts_and_accuracy_per_bin():
     assert by_low[0.9] == (6, 1.0) and by_low[0.2] == (1, 0.0)
     assert by_low[0.7] == (1, 1.0) and by_low[0.6] == (1, 1.0)
     assert sum(r["count"] for r in rows) == 9
+
+
+def test_in_draft_vocab_marks_what_the_head_can_propose():
+    import torch
+
+    targets = torch.tensor([5, 9, 2, 5, 100])
+    assert _module().in_draft_vocab(targets, torch.tensor([2, 5, 7])).tolist() == [True, False, True, True, False]
+    assert _module().in_draft_vocab(targets, None).tolist() == [True] * 5

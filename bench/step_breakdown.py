@@ -2,7 +2,7 @@
 calls alone, each timed on the engine's own backend and cache (batch 1, bfloat16 by default).
 
     python bench/step_breakdown.py [--context 300] [--repeats 80] [--dtype bfloat16] [--backend onednn inductor]
-                                   [--cache-dtype default model float32]
+                                   [--cache-dtype default model float32] [--verify-widths 1 2 3 5]
 
 Prints milliseconds per step, per backend, for: the vanilla step (all layers and the LM head, as the engine runs it
 without drafting), its products alone (every layer's qkv, o, gate/up and down, and the LM head, through
@@ -13,7 +13,10 @@ them: ``DecodeSteps.draft``) against its own products (those layers', the adapte
 inductor backend the steps are the compiled ones (compiled before the timing). Each time is the median of blocks
 interleaved with those it is compared to (the draft step's blocks hold four times ``--repeats`` calls in all);
 "draft 2 steps" is the same draft step run as the shallow step and then the head step. A diagnostic for issue 13's
-"a draft step within 1.3x the time of its matrix products"; compare ratios from one run only. ``--cache-dtype`` times each backend with its KV caches in the
+"a draft step within 1.3x the time of its matrix products"; compare ratios from one run only. ``--verify-widths``
+also times Kangaroo's verification of T positions (the last token and T - 1 drafts through layers l..L-1, the LM
+head and the acceptance: ``Engine.verify`` from the exit layer) against the vanilla step, interleaved: the other
+half of what a draft costs (issue 12). ``--cache-dtype`` times each backend with its KV caches in the
 backend's choice (``default``: ``cache_dtype``), the model's dtype, or float32.
 """
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _interleaved_ms(fns: dict, repeats: int, blocks: int = 9) -> dict[str, float
 
 
 def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None,
-              cache_dtype: str = "default") -> dict[str, float]:
+              cache_dtype: str = "default", verify_widths: tuple[int, ...] = ()) -> dict[str, float]:
     import kangaroo_fast as kf
     from kangaroo_fast.backend import default_backend_name, get_backend
     from kangaroo_fast.config import DecodeSettings
@@ -95,6 +98,11 @@ def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None
         _h, out = engine.steps.shallow(token, [context], exit_layer, True)
         engine.steps.head(out[:, -1])
 
+    def verify(width: int):  # Kangaroo's verification of the last token and width - 1 drafts (random states)
+        rnd = RoundDrafts.start([11], [context], None)
+        rnd.tokens[0] = [11] * (width - 1)
+        return lambda: engine.verify(rnd, exit_layer, settings)
+
     def draft_products():
         layer_products(layers[:exit_layer])
         ops.linear(x, engine.a_qkv)
@@ -107,6 +115,9 @@ def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None
         if model.adapter is not None:
             times.update(_interleaved_ms({"draft step": draft_step, "draft 2 steps": draft_two_steps,
                               "draft products": draft_products}, repeats * 4))
+            if verify_widths:
+                widths = {f"verify {w}": verify(w) for w in verify_widths}
+                times.update(_interleaved_ms({"vanilla step": step, **widths}, repeats * 2))
     times["cache dtype"] = str(engine.cache.k.dtype).removeprefix("torch.")
     return times
 
@@ -120,13 +131,22 @@ def main() -> None:
                         help="backends to time one after the other (default: the device's default for the dtype)")
     parser.add_argument("--cache-dtype", nargs="+", default=["default"], choices=["default", "model", "float32"],
                         help="KV cache dtypes to time each backend with (default: the backend's choice)")
+    parser.add_argument("--verify-widths", type=int, nargs="*", default=[],
+                        help="also time the verification of this many positions from the exit layer (e.g. 1 2 3 5)")
     args = parser.parse_args()
+    bad = [w for w in args.verify_widths if w < 1]
+    if bad:
+        parser.error(f"--verify-widths {bad[0]} must be >= 1")
     for backend in args.backend:
         for cache_dtype in args.cache_dtype:
-            times = breakdown(args.context, args.repeats, args.dtype, backend, cache_dtype)
+            times = breakdown(args.context, args.repeats, args.dtype, backend, cache_dtype,
+                              tuple(args.verify_widths))
             cached = times.pop("cache dtype")
             print(f"-- backend {backend or 'default'}, context {args.context}, {args.dtype}, KV cache {cached}")
             for name, ms in times.items():
+                if name.startswith("verify") or name == "vanilla step":
+                    print(f"{name:>15}: {ms:6.2f} ms  ({ms / times['vanilla step']:.2f}x the vanilla step)")
+                    continue
                 base = times["draft products"] if name.startswith("draft") else times["products"]
                 print(f"{name:>15}: {ms:6.2f} ms  ({ms / base:.2f}x the products)")
 

@@ -547,6 +547,28 @@ def test_step_breakdown_splits_a_step_into_products_attention_and_the_rest():
     assert times["rest"] == pytest.approx(times["step"] - times["products"] - times["attention"])
 
 
+def test_step_breakdown_times_verifications_of_several_positions(monkeypatch):
+    """--verify-widths: Engine.verify from the exit layer over the last token and width - 1 drafts, beside the
+    vanilla step (Engine.verify from layer 0 with no drafts)."""
+    from kangaroo_fast.engine import Engine
+
+    spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "bench" / "step_breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = set()
+    verify = Engine.verify
+
+    def recording(self, rnd, first, settings, generator=None):
+        seen.add((first, len(rnd.tokens[0])))
+        return verify(self, rnd, first, settings, generator)
+
+    monkeypatch.setattr(Engine, "verify", recording)
+    times = module.breakdown(context=9, repeats=2, dtype="float32", verify_widths=(1, 3))
+    assert {"vanilla step", "verify 1", "verify 3"} <= set(times)
+    assert all(times[name] > 0 for name in ("vanilla step", "verify 1", "verify 3"))
+    assert seen == {(0, 0), (2, 0), (2, 2)}  # the embedded model's exit layer 2: one and three positions
+
+
 def test_linear_rows_times_every_product_on_every_path():
     """bench/linear_rows.py runs: each product of the embedded model on each path this CPU has, at each row count."""
     sys.path.insert(0, str(ROOT / "bench"))

@@ -1,7 +1,7 @@
 """How often an adapter's draft agrees with the full model on the benchmark prompts' own greedy answers.
 
     python bench/adapter_agreement.py [--adapter DIR] [--max-new-tokens 128] [--split all|tune|report]
-                                      [--draft-cost 0.28] [--output FILE.json]
+                                      [--draft-cost 0.28] [--full-vocab] [--output FILE.json]
 
 A diagnosis, never a training or tuning input: for the first turn of every prompt of the benchmark set
 (``kangaroo_fast/data/prompts.jsonl``) the embedded model's greedy answer is decoded, the adapter is run
@@ -22,7 +22,8 @@ tokens / (1 + c * drafts) per round, with ``--draft-cost`` c the cost of one dra
 a wider verification) in vanilla steps. The default 0.28 is what the report split's paper drafting measured on a
 2-core AVX2 EPYC (``bench/results/bench-avx2-eta06-cpu.md``: 1.41 tokens per round at 1.04x vanilla with 1.28 drafts
 per round: (1.41 / 1.04 - 1) / 1.28). Choose a rule on ``--split tune`` only. It also reports the share of the
-full model's tokens the draft head can propose at all (those in its draft vocabulary).
+full model's tokens the draft head can propose at all (those in its draft vocabulary); ``--full-vocab`` scores the
+whole vocabulary instead of the adapter's draft vocabulary (is the pruned vocabulary what limits the draft?).
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the prompts' split (default: all)")
     parser.add_argument("--draft-cost", type=float, default=0.28,
                         help="one draft's cost in vanilla steps, for the modelled speed (default 0.28)")
+    parser.add_argument("--full-vocab", action="store_true",
+                        help="let the draft head score the whole vocabulary, not the adapter's draft vocabulary")
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 2:
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     model = kf.load(adapter=args.adapter)
     if model.adapter is None:
         raise SystemExit("no adapter: pass --adapter DIR")
+    adapter = model.adapter.float()
+    if args.full_vocab:
+        adapter.draft_vocab = None
     prompts = [p for p in bench_prompts() if args.split == "all" or p.get("split") == args.split]
     if not prompts:
         raise SystemExit(f"no benchmark prompts in split {args.split!r}")
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     starts = [len(chat_ids(model.tokenizer, t)) for t in texts]
     layer = model.adapter.config.exit_layer
     features = teacher_features(model.packed, sequences, [layer], 32, 8)
-    predictions = draft_predictions(model.adapter.float(), features, list(range(len(sequences))),
+    predictions = draft_predictions(adapter, features, list(range(len(sequences))),
                                     model.packed.lm_head.float(), model.packed.rope_cos, model.packed.rope_sin)
     by_category: dict[str, list[torch.Tensor]] = {}
     copies: dict[str, list[torch.Tensor]] = {}
@@ -73,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     for (correct, _), start, p, seq, top in zip(predictions, starts, prompts, sequences, features.top_ids):
         by_category.setdefault(p["category"], []).append(correct[start:-1].float())
         copies.setdefault(p["category"], []).append(context_copy_right(seq, start, top[:, 0].tolist()))
-        covered.setdefault(p["category"], []).append(in_draft_vocab(top[start:-1, 0], model.adapter.draft_vocab))
+        covered.setdefault(p["category"], []).append(in_draft_vocab(top[start:-1, 0], adapter.draft_vocab))
     agree = {c: torch.cat(v) for c, v in by_category.items()}
     copy = {c: torch.cat(v) for c, v in copies.items()}
     vocab = {c: torch.cat(v).float() for c, v in covered.items()}
     result = {"adapter": args.adapter or "shipped", "max_new_tokens": args.max_new_tokens,
+              "full_vocab": args.full_vocab,
               "top1_by_category": {c: float(v.mean()) for c, v in agree.items()},
               "top1": float(torch.cat(list(agree.values())).mean()),
               "copy_by_category": {c: float(v.float().mean()) for c, v in copy.items()},

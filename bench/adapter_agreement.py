@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"η={row['threshold']:.1f} γ={row['max_draft_steps']}: {row['mean_accepted']:.2f} tokens per round, "
               f"{row['drafts_per_round']:.2f} drafts per round")
     for row in result["calibration"]:
-        print(f"confidence {row['low']:.1f}-{row['high']:.1f}: {row['count']:6d} drafts, accepted {row['accuracy']:.3f}")
+        print(f"confidence {row['low']:.1f}-{row['high']:.1f}: {row['count']:6d} drafts, "
+              f"accepted {row['accuracy']:.3f}")
     best = {}
     for row in result["stop_rules"]:
         rule = "cumulative" if row["cumulative"] else "per-step"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapter import Adapter, AdapterConfig
+from ..backend.torch_ref import top1
 from ..config import ModelConfig, is_int, is_number
 from .data import Features
 
@@ -308,8 +309,7 @@ def draft_predictions(adapter: Adapter, features: Features, indices: list[int], 
     for i in indices:
         hidden = features.hidden[adapter.config.exit_layer][i].float()[None]
         t = hidden.shape[1]
-        probs = F.linear(adapter(hidden, cos[:t].float(), sin[:t].float()), head)[0].softmax(-1)
-        conf, index = probs.max(-1)
+        index, conf = top1(F.linear(adapter(hidden, cos[:t].float(), sin[:t].float()), head)[0])
         token = index if adapter.draft_vocab is None else adapter.draft_vocab[index]
         out.append((token == features.top_ids[i][:, 0].long(), conf))
     return out

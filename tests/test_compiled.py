@@ -8,12 +8,12 @@ import torch
 from torch._dynamo.utils import counters
 
 import kangaroo_fast
-from kangaroo_fast.backend import default_backend_name
+from kangaroo_fast.backend import TorchBackend, default_backend_name
 from kangaroo_fast.backend.inductor import InductorBackend, cpp_compiler_available
 from kangaroo_fast.backend.onednn import onednn_available
 from kangaroo_fast.graphs import CompiledStep
 
-from conftest import WidenedProducts, hf_greedy, random_adapter, random_prompt, tiny_model
+from conftest import TOLERANCES, WidenedProducts, hf_greedy, random_adapter, random_prompt, tiny_model
 
 pytestmark = pytest.mark.skipif(not cpp_compiler_available(), reason="the inductor backend needs a C++ compiler")
 
@@ -115,6 +115,24 @@ def test_compiled_sampling_equals_eager(case):
         assert km.generate(ids, **kwargs).tokens == eager.generate(ids, **kwargs).tokens
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,t,start,d", [(6, 2, 1, 0, 8), (6, 2, 1, 122, 8), (9, 3, 7, 30, 5), (4, 4, 2, 5, 16),
+                                              (3, 1, 123, 0, 7)])
+def test_one_sequence_attention_equals_the_reference(dtype, hq, hkv, t, start, d):
+    """The compiled steps' attention of one sequence at a tensor start (over half-precision caches: grouped float32
+    products) equals the reference's at the int start, within the dtype's tolerance, each query head on its own
+    KV head's keys."""
+    g = torch.Generator().manual_seed(hq * 1000 + t * 10 + start)
+    s_max = start + t + 3  # room past the end: keys there must not be read
+    q = torch.randn(1, hq, t, d, generator=g).to(dtype)
+    k_cache, v_cache = (torch.randn(1, hkv, s_max, d, generator=g).to(dtype) for _ in range(2))
+    ref = TorchBackend.attention(q, k_cache, v_cache, start)
+    out = InductorBackend.attention(q, k_cache, v_cache, torch.tensor([start]), None, start + t)
+    assert out.dtype == dtype and out.shape == ref.shape == (1, t, hq * d)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
 def test_compile_mode_needs_the_inductor_backend():
     model = tiny_model("llama", 12)
     with pytest.raises(ValueError, match="graphs='compile' needs the inductor backend, not the torch backend"):
@@ -185,6 +203,35 @@ def test_no_compiler_error_names_the_eager_backend(monkeypatch):
     eager = "onednn" if onednn_available() else "torch"
     with pytest.raises(RuntimeError, match=f"found no compiler .*use backend='{eager}'"):
         InductorBackend()
+
+
+class _HalfCaches(InductorBackend):
+    """The inductor backend with the model's own bf16 KV caches whatever this CPU has (the rule's choice on a CPU
+    with oneDNN's bf16 products, AVX512-BF16 or AMX)."""
+
+    @staticmethod
+    def cache_dtype(dtype, device):
+        return dtype
+
+
+def test_compiled_steps_over_bf16_caches():
+    """The compiled steps with their attention over bf16 caches (grouped float32 products: the unit test above):
+    Kangaroo emits the compiled vanilla decode, one sequence and a batch's first row alike."""
+    from kangaroo_fast.config import DecodeSettings
+
+    model = tiny_model("llama", 14, num_hidden_layers=3).to(torch.bfloat16)
+    km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=4), backend=_HalfCaches(),
+                            dtype=torch.bfloat16)
+    engine = km.engine
+    assert engine.cache.k.dtype == torch.bfloat16 and engine.steps.mode == "compile"
+    prompt = random_prompt(model.config.vocab_size, 13, 1400)
+    settings = DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=3, max_new_tokens=12)
+    vanilla, _ = engine.generate(prompt, settings, set(), speculate=False)
+    spec, stats = engine.generate(prompt, settings, set())
+    assert stats.draft_steps > 0 and spec == vanilla
+    batch = km.generate([prompt, random_prompt(model.config.vocab_size, 6, 5)], max_new_tokens=12, eos_token_id=[],
+                        threshold=0.0, max_draft_steps=3, exit_layer=2)
+    assert batch[0].tokens == vanilla
 
 
 def test_compiled_bf16_without_bf16_products(monkeypatch):

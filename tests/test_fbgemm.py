@@ -129,10 +129,12 @@ def test_the_rule(monkeypatch, has_bf16_products):
 
 
 @pytest.mark.skipif(not cpp_compiler_available(), reason="the inductor backend needs a C++ compiler")
-def test_engine_on_fp16_products():
-    """No widened copies; every compiled step unfrozen (nothing to pack: all of them in Inductor's on-disk caches);
-    the prefill and the steps of several rows multiply on the packed float16 copies (packed once); Kangaroo emits
-    the engine's vanilla decode, and a batch its first row's."""
+def test_engine_on_fp16_products(monkeypatch):
+    """On a CPU without oneDNN's bf16 products (AVX2; forced here, whatever this CPU has): no widened copies,
+    float32 caches; every compiled step unfrozen (nothing to pack: all of them in Inductor's on-disk caches); the
+    prefill and the steps of several rows multiply on the packed float16 copies (packed once); Kangaroo emits the
+    engine's vanilla decode, and a batch its first row's."""
+    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
     model = tiny_model("qwen2", 13, num_hidden_layers=3).to(torch.bfloat16)  # qwen2: a bias in the qkv product
     before = {name: p.clone() for name, p in model.named_parameters()}
     km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=9), backend=HalfProducts(),

@@ -7,7 +7,8 @@ calls alone, each timed on the engine's own backend and cache (batch 1, bfloat16
 Prints milliseconds per step, per backend, for: the vanilla step (all layers and the LM head, as the engine runs it
 without drafting), its products alone (every layer's qkv, o, gate/up and down, and the LM head, through
 ``ops.linear`` on oneDNN's packed weights), its attention alone (one query over ``context`` cached positions per
-layer, through ``ops.attention``, eagerly, with a [1] tensor start as the compiled steps call it), and the rest (the difference: norms, RoPE, cache writes, residuals, dispatch);
+layer, through ``ops.attention``, eagerly, with a [1] tensor start where the compiled steps call it so), and the
+rest (the difference: norms, RoPE, cache writes, residuals, dispatch);
 then the draft step (layers 0..l-1, the adapter and the draft head in one step, as the engine's greedy drafting runs
 them: ``DecodeSteps.draft``) against its own products (those layers', the adapter's and the draft head's). With the
 inductor backend the steps are the compiled ones (compiled before the timing). Each time is the median of blocks

@@ -248,6 +248,18 @@ CASES = [
          ValueError, ("bad.json", "JSON")),
     Case("recipe epochs a string", lambda ctx: Recipe.load(recipe_file(
         ctx, "epochs.json", '{"epochs": "4"}')), ValueError, ("epochs.json", "epochs='4'")),
+    Case("recipe base a number", lambda ctx: Recipe.load(recipe_file(ctx, "base-num.json", '{"base": 3}')),
+         ValueError, ("base-num.json", "base=3")),
+    Case("recipe base missing", lambda ctx: Recipe.load(recipe_file(ctx, "base-gone.json", '{"base": "gone.json"}')),
+         FileNotFoundError, ("base-gone.json", "gone.json")),
+    Case("recipe bases in a cycle", lambda ctx: (recipe_file(ctx, "cycle-b.json", '{"base": "cycle-a.json"}'),
+                                                 Recipe.load(recipe_file(ctx, "cycle-a.json",
+                                                                         '{"base": "cycle-b.json"}'))),
+         ValueError, ("cycle-a.json", "cycle")),
+    Case("recipe base with an unknown key", lambda ctx: (recipe_file(ctx, "base-bad.json", '{"epoch": 2}'),
+                                                         Recipe.load(recipe_file(ctx, "child.json",
+                                                                                 '{"base": "base-bad.json"}'))),
+         ValueError, ("base-bad.json", "epoch")),
     # ---- the command line ------------------------------------------------------------------------------------
     Case("vllm-config --threshold 2", lambda ctx: cli.main(["vllm-config", "--threshold", "2"]), CLI_EXIT,
          ("threshold=2",)),

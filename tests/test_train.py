@@ -276,3 +276,28 @@ def test_recipes_differing_in_training_keep_their_own_checkpoints(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in work.glob("checkpoint-l2-*.pt")} == written  # none retrained
     assert [entry["epoch"] for entry in report["layers"][2]["log"]] == [1]  # the log kept in the checkpoint
     assert _weights(tmp_path / "again") == _weights(tmp_path / "plain")
+
+
+def test_a_recipe_overrides_its_base(tmp_path):
+    """``base`` starts from another recipe file (relative to this one, through a chain), the file's own fields
+    win, and what loads (and is saved beside an adapter) is the whole recipe with no ``base``."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.json").write_text(json.dumps({"epochs": 5, "lr": 0.003, "candidate_exit_layers": [2, 4]}))
+    (tmp_path / "sub" / "mid.json").write_text(json.dumps({"base": "../root.json", "epochs": 2, "seed": 7}))
+    (tmp_path / "leaf.json").write_text(json.dumps({"base": "sub/mid.json", "exit_layer": 4, "seed": 9}))
+    leaf = Recipe.load(tmp_path / "leaf.json")
+    assert leaf == Recipe(epochs=2, lr=0.003, candidate_exit_layers=[2, 4], exit_layer=4, seed=9)
+    assert Recipe.load(tmp_path / "sub" / "mid.json") == Recipe(epochs=2, lr=0.003, candidate_exit_layers=[2, 4],
+                                                                seed=7)
+    assert "base" not in json.loads(leaf.to_json())
+    leaf.save(tmp_path / "saved.json")
+    assert Recipe.load(tmp_path / "saved.json") == leaf
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "bench" / "recipes").glob("*.json")))
+def test_every_bench_recipe_loads(path):
+    """Each experiment recipe loads, with the fields it lists (over its base's) in force."""
+    data = json.loads(path.read_text())
+    data.pop("base", None)
+    recipe = vars(Recipe.load(path))
+    assert {key: recipe[key] for key in data} == data

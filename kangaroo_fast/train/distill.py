@@ -59,26 +59,43 @@ class Recipe:
     adapter_mlp: int = 0  # intermediate size of an MLP after the adapter's attention (0: the paper's adapter)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path, _within: tuple[Path, ...] = ()) -> "Recipe":
         """The recipe a JSON file holds; malformed JSON, unknown keys and values of the wrong type are errors
-        naming the file and the key."""
+        naming the file and the key. ``"base": "other.json"`` (a path relative to this file) starts from that
+        recipe and overrides only the fields this file lists; the loaded recipe is whole, with no ``base``."""
+        path = Path(path)
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(path.read_text())
         except ValueError as err:
             raise ValueError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"recipe {str(path)!r} must hold a JSON object, not {type(data).__name__}")
-        unknown = set(data) - set(cls.__dataclass_fields__)
+        unknown = set(data) - set(cls.__dataclass_fields__) - {"base"}
         if unknown:
             raise ValueError(f"recipe {str(path)!r} has unknown keys: {', '.join(sorted(unknown))}")
         defaults = asdict(cls())
+        values = defaults
+        if "base" in data:
+            base = data.pop("base")
+            if not isinstance(base, str) or not base:
+                raise ValueError(f"recipe {str(path)!r}: base={base!r} must be the path of another recipe file")
+            base_path = path.parent / base
+            within = _within + (path.resolve(),)
+            if base_path.resolve() in within:
+                raise ValueError(f"recipe {str(path)!r}: base={base!r} leads back to "
+                                 f"{str(base_path)!r} (a cycle of bases)")
+            if not base_path.is_file():
+                raise FileNotFoundError(f"recipe {str(path)!r}: base={base!r} is not a file "
+                                        f"({str(base_path)!r})")
+            values = asdict(cls.load(base_path, within))
         for key, value in data.items():
             if not _same_kind(value, defaults[key]):
                 raise ValueError(f"recipe {str(path)!r}: {key}={value!r} must be of the kind of its default "
                                  f"{defaults[key]!r}")
-        if data.get("adapter_mlp", 0) < 0:
-            raise ValueError(f"recipe {str(path)!r}: adapter_mlp={data['adapter_mlp']!r} must be >= 0 (0: no MLP)")
-        return cls(**data)
+        values = {**values, **data}
+        if values["adapter_mlp"] < 0:
+            raise ValueError(f"recipe {str(path)!r}: adapter_mlp={values['adapter_mlp']!r} must be >= 0 (0: no MLP)")
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

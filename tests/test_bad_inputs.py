@@ -248,6 +248,8 @@ CASES = [
          ValueError, ("bad.json", "JSON")),
     Case("recipe epochs a string", lambda ctx: Recipe.load(recipe_file(
         ctx, "epochs.json", '{"epochs": "4"}')), ValueError, ("epochs.json", "epochs='4'")),
+    Case("recipe n_sampled -1", lambda ctx: Recipe.load(recipe_file(ctx, "sampled.json", '{"n_sampled": -1}')),
+         ValueError, ("sampled.json", "n_sampled=-1")),
     Case("recipe base a number", lambda ctx: Recipe.load(recipe_file(ctx, "base-num.json", '{"base": 3}')),
          ValueError, ("base-num.json", "base=3")),
     Case("recipe base missing", lambda ctx: Recipe.load(recipe_file(ctx, "base-gone.json", '{"base": "gone.json"}')),

@@ -301,3 +301,38 @@ def test_every_bench_recipe_loads(path):
     data.pop("base", None)
     recipe = vars(Recipe.load(path))
     assert {key: recipe[key] for key in data} == data
+
+
+def test_a_later_field_at_its_default_leaves_cache_keys_as_they_were():
+    """n_sampled came after caches were keyed: at 0 no key names it (older corpora and checkpoints stay valid),
+    set it is in every key of what it changes."""
+    from kangaroo_fast.train.recipe import ANSWER_FIELDS, CORPUS_FIELDS, cache_key, checkpoint_key
+
+    plain, sampled = Recipe(), Recipe(n_sampled=8)
+    for key in (cache_key(plain, ANSWER_FIELDS, "m"), cache_key(plain, CORPUS_FIELDS, "m"),
+                checkpoint_key(plain, "m", 2)):
+        assert "n_sampled" not in key
+    for key in (cache_key(sampled, ANSWER_FIELDS, "m"), cache_key(sampled, CORPUS_FIELDS, "m"),
+                checkpoint_key(sampled, "m", 2)):
+        assert key["n_sampled"] == 8
+
+
+def test_a_recipe_with_sampled_requests_answers_them_and_caches_them(tmp_path):
+    """n_sampled requests join stage 1's instructions: the corpus holds their answers; a rerun reuses the
+    cached requests and corpus."""
+    from kangaroo_fast.train.data import chat_ids
+    from kangaroo_fast.train.recipe import build_corpus
+
+    km = kf.load(dtype=torch.float32)
+    recipe = Recipe(n_instructions=1, n_sampled=2, max_new_tokens=4, doc_chars=0, gen_batch_size=2,
+                    dtype="float32")
+    eos = set(km.eos_ids())
+    corpus = build_corpus(km.packed, km.tokenizer, recipe, eos, tmp_path, progress=False)
+    requests = json.loads((tmp_path / "corpus-requests.json").read_text())["requests"]
+    assert len(requests) == 2 and len(corpus["sequences"]) == 3
+    for text, seq, start in zip(requests, corpus["sequences"][1:], corpus["starts"][1:]):
+        assert seq[:start] == chat_ids(km.tokenizer, text) and len(seq) > start
+    written = (tmp_path / "corpus-requests.json").stat().st_mtime_ns, (tmp_path / "corpus.json").stat().st_mtime_ns
+    assert build_corpus(km.packed, km.tokenizer, recipe, eos, tmp_path, progress=False) == corpus
+    assert ((tmp_path / "corpus-requests.json").stat().st_mtime_ns,
+            (tmp_path / "corpus.json").stat().st_mtime_ns) == written

@@ -70,3 +70,31 @@ def test_answers_resume_from_saved_progress(default_model):
     assert resumed == whole
     assert calls == [4, 5]  # the saved batch was not decoded again
     assert all(resumed[i] == seq for i, seq in interrupted.items())
+
+
+def test_sampled_requests_are_deterministic_resume_and_filter(default_model, monkeypatch):
+    """sample_requests: n distinct requests of at least min_words, the same for a seed, other ones for another
+    seed; a run resumed from the batches an interrupted one saved samples only the batches left; what ``keep``
+    refuses is skipped; the prefix it samples from is where a chat prompt's user text begins."""
+    from kangaroo_fast.train import data
+
+    monkeypatch.setitem(data.REQUEST_SAMPLING, "max_tokens", 48)  # short requests: a quicker test
+    km = default_model.model
+    eos = set(km.eos_ids())
+    prefix = data.request_prefix(km.tokenizer)
+    assert data.chat_ids(km.tokenizer, "Hello there")[:len(prefix)] == prefix
+    assert len(data.chat_ids(km.tokenizer, "Hello there")) > len(prefix)
+
+    def sample(n, seed=0, **kwargs):
+        return data.sample_requests(km.packed, km.tokenizer, n, 3, eos, seed=seed, progress=False, **kwargs)
+
+    saved: list[list[list[str]]] = []
+    whole = sample(4, on_batch=lambda batches: saved.append([list(b) for b in batches]))
+    assert len(whole) == 4 and len(set(whole)) == 4
+    assert all(len(text.split()) >= data.REQUEST_SAMPLING["min_words"] for text in whole)
+    assert len(saved) >= 2 and all(len(batch) == 3 for batch in saved[-1])
+    calls: list[int] = []
+    assert sample(4, done=saved[0], on_batch=lambda batches: calls.append(len(batches))) == whole
+    assert calls == list(range(2, len(saved) + 1))  # the saved batch was not sampled again
+    assert sample(3, done=saved[-1], keep=lambda text: text != whole[0]) == whole[1:]
+    assert not set(sample(2, seed=1)) & set(whole[:2])

@@ -1,5 +1,6 @@
 """Offline training data for the adapter: the base model's own greedy answers to instructions the project
-writes, plus local documentation text, and the teacher features the adapter learns from.
+writes or to requests the model samples itself (``sample_requests``), plus local documentation text, and the
+teacher features the adapter learns from.
 
 Features per sequence: the hidden states after ``exit_layer`` layers (the adapter's input) and the full model's
 next-token distribution, kept as its top-k (ids and probabilities) to save memory.
@@ -51,6 +52,71 @@ def generate_answers(packed, tokenizer, instructions: list[str], max_new_tokens:
         bar.update()
     bar.close()
     return [made[i] for i in range(len(prompts))]
+
+
+#: How the model samples its own requests (``sample_requests``); the sampled stage's cache key holds these.
+REQUEST_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 96, "min_words": 3}
+
+
+def request_prefix(tokenizer) -> list[int]:
+    """The chat template's ids up to where a user's message begins (the system turn and the user header)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("sampling requests needs a tokenizer with a chat template (the user turn's header)")
+    marker = "\x00request\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return list(tokenizer(text[:text.index(marker)], add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def sample_requests(packed, tokenizer, n: int, batch_size: int, eos_ids: set[int], seed: int,
+                    keep: Callable[[str], bool] = lambda text: True, progress: bool = True,
+                    done: list[list[str]] | None = None,
+                    on_batch: Callable[[list[list[str]]], None] | None = None) -> list[str]:
+    """``n`` distinct user requests the model writes itself, as Magpie does (arXiv 2406.08464): from the chat
+    template's header of a user turn, sampled (``REQUEST_SAMPLING``) until the turn ends. Kept: requests that end
+    within ``max_tokens``, have at least ``min_words`` words, are new, and pass ``keep`` (the benchmark filter).
+
+    Batch b samples ``batch_size`` rows from a generator seeded by (seed, b), so the result is deterministic for a
+    seed; ``done`` holds the raw texts of batches already sampled (``on_batch(done)`` is called after each), which
+    a resumed run replays instead of sampling again."""
+    from ..config import DecodeSettings
+    from ..engine import Engine
+
+    if n < 0 or batch_size < 1:
+        raise ValueError(f"n={n!r} must be >= 0 and batch_size={batch_size!r} >= 1")
+    cfg = REQUEST_SAMPLING
+    prefix = torch.tensor(request_prefix(tokenizer), dtype=torch.int64, device=packed.device)
+    settings = DecodeSettings(exit_layer=1, max_new_tokens=cfg["max_tokens"], temperature=cfg["temperature"],
+                              top_p=cfg["top_p"])
+    batches = list(done or [])
+    engine = None
+    kept: list[str] = []
+    seen: set[str] = set()
+    most = 20 * (n // batch_size + 1)  # a model that seldom ends its turn would otherwise loop for ever
+    bar = tqdm(total=n, desc="requests", unit="request", disable=not progress)
+    b = 0
+    while len(kept) < n:
+        if b == len(batches):
+            if b >= most:
+                raise ValueError(f"only {len(kept)} of {n} requests kept after {b} batches of {batch_size}")
+            if engine is None:
+                engine = Engine(packed, None, len(prefix) + cfg["max_tokens"] + 1, graphs=False)
+            generator = torch.Generator(device=packed.device).manual_seed(seed * 1_000_003 + b)
+            rows = engine.generate_batch([prefix] * batch_size, settings, eos_ids, speculate=False,
+                                         generator=generator)
+            batches.append([tokenizer.decode(tokens[:-1], skip_special_tokens=True).strip()
+                            if tokens and tokens[-1] in eos_ids else "" for tokens, _ in rows])
+            if on_batch is not None:
+                on_batch(batches)
+        for text in batches[b]:
+            if (len(kept) < n and text and len(text.split()) >= cfg["min_words"] and text not in seen
+                    and keep(text)):
+                seen.add(text)
+                kept.append(text)
+                bar.update()
+        b += 1
+    bar.close()
+    return kept
 
 
 def greedy_decoder(packed, max_len: int, backend: str | None = None):

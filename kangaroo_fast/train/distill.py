@@ -37,6 +37,7 @@ class Recipe:
     candidate_exit_layers: list[int] = field(default_factory=lambda: [2])
     n_instructions: int = 800
     n_bootstrap: int = 0  # second-stage instructions built on the first stage's answers (bootstrap_instructions)
+    n_sampled: int = 0  # requests the model writes itself (data.sample_requests), answered in stage 1 too
     instruction_seed: int = 0
     max_new_tokens: int = 160
     doc_chars: int = 150_000
@@ -93,8 +94,9 @@ class Recipe:
                 raise ValueError(f"recipe {str(path)!r}: {key}={value!r} must be of the kind of its default "
                                  f"{defaults[key]!r}")
         values = {**values, **data}
-        if values["adapter_mlp"] < 0:
-            raise ValueError(f"recipe {str(path)!r}: adapter_mlp={values['adapter_mlp']!r} must be >= 0 (0: no MLP)")
+        for key, zero in (("adapter_mlp", "no MLP"), ("n_sampled", "none")):
+            if values[key] < 0:
+                raise ValueError(f"recipe {str(path)!r}: {key}={values[key]!r} must be >= 0 (0: {zero})")
         return cls(**values)
 
     def to_json(self) -> str:

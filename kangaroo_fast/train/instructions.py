@@ -63,6 +63,11 @@ class _BenchFilter:
         return not any(tuple(words[i:i + WINDOW]) in self.windows for i in range(len(words) - WINDOW + 1))
 
 
+def bench_filter() -> Callable[[str], bool]:
+    """Whether a text may train: not a benchmark turn, sharing no WINDOW-word run with one (either split)."""
+    return _BenchFilter(bench_prompts()).allows
+
+
 # ------------------------------------------------------------------------------------------------ vocabulary
 
 # The generators' word lists and templates, one key per list (lists of strings, a few lists of pairs, a few dicts of

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..models import cache_dir, load_hf, model_eos_ids, pack_model, resolve_dtype
-from .data import Features, chat_ids, document_chunks, frequent_tokens, generate_answers, teacher_features
+from .data import (REQUEST_SAMPLING, Features, chat_ids, document_chunks, frequent_tokens, generate_answers,
+                   sample_requests, teacher_features)
 from .distill import (Recipe, TimeLimit, _is_main, differing_field, draft_predictions, init_adapter,
                       simulate_rounds, train_adapter)
 
@@ -29,10 +30,13 @@ DRAFT_STEPS = (4, 6, 8)
 #: by an older version is then rebuilt.
 DATA_VERSION = 1
 #: The recipe fields each stage's product depends on (beyond the base model and DATA_VERSION).
-ANSWER_FIELDS = ("n_instructions", "instruction_seed", "max_new_tokens", "gen_batch_size", "dtype")
+ANSWER_FIELDS = ("n_instructions", "n_sampled", "instruction_seed", "max_new_tokens", "gen_batch_size", "dtype")
 CORPUS_FIELDS = ANSWER_FIELDS + ("n_bootstrap", "doc_chars", "doc_chunk_tokens", "seed")
 #: Fields that only choose what is saved or how it decodes, never what a layer's training computes.
 DECODING_FIELDS = ("exit_layer", "candidate_exit_layers", "threshold", "max_draft_steps", "lookup")
+#: Fields added after caches were first keyed, with their defaults: a key leaves such a field out while it has its
+#: default, so what was made before the field existed (the same data) stays valid.
+LATER_FIELDS = {"n_sampled": 0}
 #: Sequences per cached shard of teacher features (a few minutes of the teacher on a 2-core CPU).
 TEACHER_SHARD = 256
 
@@ -58,8 +62,9 @@ class Budget:
 def cache_key(recipe: Recipe, fields: tuple[str, ...], base_model: str | None, **extra) -> dict:
     """What a cached product was made from: the named recipe fields, the base model, the data version."""
     values = asdict(recipe)
-    return {**{name: values[name] for name in fields}, **extra, "base_model": base_model,
-            "data_version": DATA_VERSION}
+    return {**{name: values[name] for name in fields
+               if not (name in LATER_FIELDS and values[name] == LATER_FIELDS[name])},
+            **extra, "base_model": base_model, "data_version": DATA_VERSION}
 
 
 def checkpoint_key(recipe: Recipe, base_model: str | None, exit_layer: int) -> dict:
@@ -118,6 +123,9 @@ def build_corpus(packed, tokenizer, recipe: Recipe, eos: set[int], work_dir: Pat
         return {"sequences": cached["sequences"], "starts": cached["starts"]}
     work_dir.mkdir(parents=True, exist_ok=True)
     instructions = training_instructions(recipe.n_instructions, seed=recipe.instruction_seed)
+    if recipe.n_sampled:
+        instructions += _sampled_requests(packed, tokenizer, recipe, eos, work_dir / "corpus-requests.json",
+                                          progress, base_model, budget)
     stage1 = _answered(packed, tokenizer, instructions, recipe, eos, work_dir / "corpus-stage1.json", progress,
                        cache_key(recipe, ANSWER_FIELDS, base_model), budget, "answers stage 1")
     sequences, starts = list(stage1["sequences"]), list(stage1["starts"])
@@ -173,6 +181,37 @@ def cached_teacher_features(packed, sequences: list[list[int]], layers: list[int
     budget.seconds["teacher"] = round(seconds, 3)
     return Features({l: [h for p in parts for h in p.hidden[l]] for l in layers},
                     [t for p in parts for t in p.top_ids], [t for p in parts for t in p.top_probs])
+
+
+def _sampled_requests(packed, tokenizer, recipe: Recipe, eos: set[int], path: Path, progress: bool,
+                      base_model: str | None, budget: Budget) -> list[str]:
+    """``recipe.n_sampled`` requests the model writes itself (``sample_requests``), none overlapping a benchmark
+    prompt, cached at ``path``; while sampling, every batch is saved (``<path>.progress.json``) to resume from."""
+    from .instructions import bench_filter
+
+    key = cache_key(recipe, ("n_sampled", "instruction_seed", "gen_batch_size", "dtype"), base_model,
+                    sampling=REQUEST_SAMPLING)
+    stage = "requests"
+    cached = _read_cache(path, key)
+    if cached is not None:
+        budget.seconds[stage] = cached.get("seconds", 0.0)
+        return cached["requests"]
+    progress_path = path.with_suffix(".progress.json")
+    partial = _read_cache(progress_path, key) or {"batches": []}
+    began = time.monotonic() - partial.get("seconds", 0.0)
+
+    def save(batches: list[list[str]]) -> None:
+        _write_cache(progress_path, key, {"batches": batches, "seconds": time.monotonic() - began})
+        budget.check(f"{stage}: {len(batches)} batches sampled")
+
+    requests = sample_requests(packed, tokenizer, recipe.n_sampled, recipe.gen_batch_size, eos,
+                               recipe.instruction_seed, keep=bench_filter(), progress=progress,
+                               done=partial["batches"], on_batch=save)
+    seconds = round(time.monotonic() - began, 3)
+    _write_cache(path, key, {"requests": requests, "seconds": seconds})
+    progress_path.unlink(missing_ok=True)
+    budget.seconds[stage] = seconds
+    return requests
 
 
 def _answered(packed, tokenizer, instructions: list[str], recipe: Recipe, eos: set[int], path: Path,

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -183,65 +184,68 @@ def cached_teacher_features(packed, sequences: list[list[int]], layers: list[int
                     [t for p in parts for t in p.top_ids], [t for p in parts for t in p.top_probs])
 
 
+def _resumable(path: Path, key: dict, budget: Budget, stage: str, empty: dict,
+               make: Callable[[dict, Callable[[dict, str | None], None]], dict]) -> dict:
+    """A stage's product, cached at ``path`` under ``key``. While ``make(partial, save)`` runs, it calls
+    ``save(progress, where)`` after each step: the progress is written to ``<path>.progress.json`` under the same
+    key (with the seconds so far) and, where ``where`` is given, the time limit is checked there. A resumed run
+    starts ``make`` from that progress (``empty`` when there is none)."""
+    cached = _read_cache(path, key)
+    if cached is not None:
+        budget.seconds[stage] = cached.get("seconds", 0.0)
+        return cached
+    progress_path = path.with_suffix(".progress.json")
+    partial = _read_cache(progress_path, key) or empty
+    began = time.monotonic() - partial.get("seconds", 0.0)
+
+    def save(progress: dict, where: str | None) -> None:
+        _write_cache(progress_path, key, {**progress, "seconds": time.monotonic() - began})
+        if where is not None:
+            budget.check(f"{stage}: {where}")
+
+    result = {**make(partial, save), "seconds": round(time.monotonic() - began, 3)}
+    _write_cache(path, key, result)
+    progress_path.unlink(missing_ok=True)
+    budget.seconds[stage] = result["seconds"]
+    return result
+
+
 def _sampled_requests(packed, tokenizer, recipe: Recipe, eos: set[int], path: Path, progress: bool,
                       base_model: str | None, budget: Budget) -> list[str]:
     """``recipe.n_sampled`` requests the model writes itself (``sample_requests``), none overlapping a benchmark
     prompt, cached at ``path``; while sampling, every batch is saved (``<path>.progress.json``) to resume from."""
     from .instructions import bench_filter
 
+    def make(partial: dict, save) -> dict:
+        return {"requests": sample_requests(
+            packed, tokenizer, recipe.n_sampled, recipe.gen_batch_size, eos, recipe.instruction_seed,
+            keep=bench_filter(), progress=progress, done=partial["batches"],
+            on_batch=lambda batches: save({"batches": batches}, f"{len(batches)} batches sampled"))}
+
     key = cache_key(recipe, ("n_sampled", "instruction_seed", "gen_batch_size", "dtype"), base_model,
                     sampling=REQUEST_SAMPLING)
-    stage = "requests"
-    cached = _read_cache(path, key)
-    if cached is not None:
-        budget.seconds[stage] = cached.get("seconds", 0.0)
-        return cached["requests"]
-    progress_path = path.with_suffix(".progress.json")
-    partial = _read_cache(progress_path, key) or {"batches": []}
-    began = time.monotonic() - partial.get("seconds", 0.0)
-
-    def save(batches: list[list[str]]) -> None:
-        _write_cache(progress_path, key, {"batches": batches, "seconds": time.monotonic() - began})
-        budget.check(f"{stage}: {len(batches)} batches sampled")
-
-    requests = sample_requests(packed, tokenizer, recipe.n_sampled, recipe.gen_batch_size, eos,
-                               recipe.instruction_seed, keep=bench_filter(), progress=progress,
-                               done=partial["batches"], on_batch=save)
-    seconds = round(time.monotonic() - began, 3)
-    _write_cache(path, key, {"requests": requests, "seconds": seconds})
-    progress_path.unlink(missing_ok=True)
-    budget.seconds[stage] = seconds
-    return requests
+    return _resumable(path, key, budget, "requests", {"batches": []}, make)["requests"]
 
 
 def _answered(packed, tokenizer, instructions: list[str], recipe: Recipe, eos: set[int], path: Path,
               progress: bool, key: dict, budget: Budget, stage: str) -> dict:
     """The base model's greedy answers to ``instructions`` as {'sequences', 'starts'}, cached at ``path`` under
     ``key``; while it runs, the answers made so far are saved after every batch (``<path>.progress.json``)."""
-    cached = _read_cache(path, key)
-    if cached is not None:
-        budget.seconds[stage] = cached.get("seconds", 0.0)
-        return cached
-    progress_path = path.with_suffix(".progress.json")  # the batches answered so far, under the same key
-    partial = _read_cache(progress_path, key) or {"done": []}
-    done = {int(i): seq for i, seq in partial["done"]}
-    if done:
-        tqdm.write(f"{progress_path}: resuming with {len(done)} of {len(instructions)} answers made")
-    began = time.monotonic() - partial.get("seconds", 0.0)
+    def make(partial: dict, save) -> dict:
+        done = {int(i): seq for i, seq in partial["done"]}
+        if done:
+            tqdm.write(f"{path.with_suffix('.progress.json')}: resuming with {len(done)} of {len(instructions)} "
+                       "answers made")
 
-    def save(made: dict[int, list[int]]) -> None:
-        _write_cache(progress_path, key, {"done": sorted(made.items()), "seconds": time.monotonic() - began})
-        if len(made) < len(instructions):
-            budget.check(f"{stage}: {len(made)} of {len(instructions)} answers made")
+        def on_batch(made: dict[int, list[int]]) -> None:
+            save({"done": sorted(made.items())}, f"{len(made)} of {len(instructions)} answers made"
+                 if len(made) < len(instructions) else None)
 
-    answers = generate_answers(packed, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
-                               eos, progress, done=done, on_batch=save)
-    result = {"sequences": answers, "starts": [len(chat_ids(tokenizer, text)) for text in instructions],
-              "seconds": round(time.monotonic() - began, 3)}
-    _write_cache(path, key, result)
-    progress_path.unlink(missing_ok=True)
-    budget.seconds[stage] = result["seconds"]
-    return result
+        answers = generate_answers(packed, tokenizer, instructions, recipe.max_new_tokens, recipe.gen_batch_size,
+                                   eos, progress, done=done, on_batch=on_batch)
+        return {"sequences": answers, "starts": [len(chat_ids(tokenizer, text)) for text in instructions]}
+
+    return _resumable(path, key, budget, stage, {"done": []}, make)
 
 
 def split(corpus: dict, recipe: Recipe) -> tuple[list[int], list[int]]:

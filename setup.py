@@ -14,8 +14,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ installs as kangaroo_fast.kernels: a top-level `kernels` module would shadow the PyPI package of
     # that name, which transformers probes for.
-    packages=["kangaroo_fast", "kangaroo_fast.backend", "kangaroo_fast.train", "kangaroo_fast.vllm",
-              "kangaroo_fast.kernels"],
+    packages=["kangaroo_fast", "kangaroo_fast.backend", "kangaroo_fast.benchmark", "kangaroo_fast.train",
+              "kangaroo_fast.vllm", "kangaroo_fast.kernels"],
     package_dir={"kangaroo_fast": "kangaroo_fast", "kangaroo_fast.kernels": "kernels"},
     package_data={"kangaroo_fast": ["adapters/*/*.json", "adapters/*/*.safetensors", "adapters/*/*.md",
                                     "data/*.jsonl", "train/*.json", "train/*.txt"]},

@@ -71,7 +71,7 @@ def bench_device() -> torch.device:
 
 def providers() -> list[str]:
     """``torch`` always; with CUDA every GPU backend (triton), on CPU the oneDNN one (the CPU default) if present."""
-    from kangaroo_fast.backend.onednn import onednn_available
+    from kangaroo_fast.backend.cpu import onednn_available
 
     names = ["torch"]
     if torch.cuda.is_available():

@@ -37,7 +37,8 @@ def shapes() -> dict[str, tuple[int, int]]:
 
 def timings(rows: list[int], repeats: int) -> list[dict]:
     from kangaroo_fast.backend.fbgemm import fp16_linear, fp16_products_available
-    from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available, packed_linear
+    from kangaroo_fast.backend.cpu import onednn_available
+    from kangaroo_fast.backend.onednn import OneDNNBackend, packed_linear
 
     bf16, f32 = torch.bfloat16, torch.float32
     paths = [("bfloat16", bf16, bf16, F.linear), ("float32", f32, f32, F.linear)]

@@ -108,9 +108,9 @@ def breakdown(context: int, repeats: int, dtype: str, backend: str | None = None
 
     def draft_products():
         layer_products(layers[:exit_layer])
-        ops.linear(x, engine.a_qkv)
-        ops.linear(x, engine.a_o)
-        ops.linear(x[:, 0], engine.draft_head)
+        ops.linear(x, engine.a.qkv)
+        ops.linear(x, engine.a.o)
+        ops.linear(x[:, 0], engine.a.head)
 
     with torch.no_grad():
         times = _interleaved_ms({"step": step, "products": products, "attention": attention}, repeats)

@@ -67,8 +67,8 @@ def op_inputs(engine, op, case):
         read = 2 * (start + t) * c.kv_size * q.element_size()
         return (q, k_cache, v_cache, start, None), 2 * harness.tensor_bytes(q) + read
     if op == "draft_head":
-        return (x[:, -1], engine.a_norm, c.rms_norm_eps, engine.draft_head), harness.tensor_bytes(
-            x[:, -1], engine.a_norm, engine.draft_head)
+        return (x[:, -1], engine.a.norm, c.rms_norm_eps, engine.a.head), harness.tensor_bytes(
+            x[:, -1], engine.a.norm, engine.a.head)
     if op == "verify_head":
         return (x, w.final_norm, c.rms_norm_eps, w.lm_head), harness.tensor_bytes(x, w.final_norm, w.lm_head)
     if op == "accept":
@@ -148,7 +148,7 @@ def test_step(benchmark, recorder, device, dtype, shape, step, provider):
     engine = engine_for(shape, provider, dtype, device)
     kv_read = 2 * pos * engine.cfg.kv_size * engine.w.embed.element_size()
     if step == "draft_step":
-        a_bytes = harness.tensor_bytes(engine.a_qkv, engine.a_o, engine.draft_head)
+        a_bytes = harness.tensor_bytes(engine.a.qkv, engine.a.o, engine.a.head)
         bytes_moved = 2 * (_weight_bytes(engine, 0, l) + l * kv_read) + a_bytes + 2 * kv_read
         case = "1 proposal"
     else:

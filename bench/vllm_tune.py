@@ -1,5 +1,5 @@
 """Settings of the Kangaroo draft inside vLLM, side by side: one vLLM engine per setting, each in its own process
-(``kangaroo_fast/vllm/bench.py``), all alive at once, the prompts interleaved with the order rotating, greedy.
+(``kangaroo_fast/benchmark/vllm_peer.py``), all alive at once, the prompts interleaved with the order rotating, greedy.
 
     python bench/vllm_tune.py --split tune --per-category 3 \
         --setting plain=none \
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kangaroo_fast.benchmark import load_prompts, per_category, select_split
     from kangaroo_fast.models import default_model_dir
-    from kangaroo_fast.vllm.bench import _Worker
+    from kangaroo_fast.benchmark.vllm_peer import _Worker
 
     path = str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -28,7 +28,7 @@ reference backend's per-sequence attention adds one per call, which costs nothin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,31 +39,15 @@ from .backend.torch_ref import top1
 from .cache import StaticKVCache
 from .config import DecodeSettings
 from .drafting import Drafter, HeadProposal, Proposal
-from .graphs import DecodeSteps, FrozenWeights
+from .graphs import DecodeSteps, graph_mode, warm_up
 from .models import PackedModel
-from .sampling import sample, speculative_accept, target_probs
+from .sampling import draft_distributions, sample, speculative_accept, target_probs
+from .weights import EngineWeights
 
 # Pads a row's drafts up to the round's widest in greedy verification, where acceptance compares drafts with the
 # targets: no target equals it, so a row's acceptance ends with its own drafts (0, a token id, once let a row without
 # drafts accept the padding when its target was token 0).
 NO_TOKEN = -1
-
-
-@dataclass
-class AdapterWeights:
-    """The adapter's tensors in the engine's dtype: its norms and projections, the draft head (the LM head's rows
-    of the draft vocabulary) and the draft vocabulary (None: the full one)."""
-
-    input_norm: torch.Tensor
-    qkv: torch.Tensor
-    o: torch.Tensor
-    norm: torch.Tensor
-    head: torch.Tensor
-    vocab: torch.Tensor | None
-    # an adapter with an MLP after its attention (``AdapterConfig.mlp_size``): its norm, stacked gate/up, down
-    post_norm: torch.Tensor | None = None
-    gate_up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,6 +88,17 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.time_s if self.time_s > 0 else 0.0
 
+    def record_round(self, drafted: int, accepted: int) -> None:
+        """One verification round that proposed ``drafted`` drafts and accepted ``accepted`` of them."""
+        for j in range(drafted):
+            if j >= len(self.drafted_at):
+                self.drafted_at.append(0)
+                self.accepted_at.append(0)
+            self.drafted_at[j] += 1
+            self.accepted_at[j] += int(j < accepted)
+        self.rounds += 1
+        self.draft_steps += drafted
+
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "rounds": self.rounds, "mean_accepted": self.mean_accepted,
                 "draft_steps": self.draft_steps, "lookup_drafts": self.lookup_drafts,
@@ -128,96 +123,27 @@ class Engine:
         self.w = packed
         self.cfg = packed.config
         self.ops = resolve_backend(backend, packed.device, packed.dtype)
-        self.graph_mode = self._graph_mode(graphs)
+        self.graph_mode = graph_mode(self.ops, packed.device, graphs)
         dtype, device = packed.dtype, packed.device
         if max_len > packed.rope_cos.shape[0]:
             raise ValueError(f"max_len={max_len} exceeds the RoPE table ({packed.rope_cos.shape[0]} positions)")
         self.cos = packed.rope_cos[:max_len].to(dtype)
         self.sin = packed.rope_sin[:max_len].to(dtype)
-        self.adapter = None
         if adapter is not None:
             adapter.config.check_matches(self.cfg)
-            self.adapter = adapter
-            with torch.no_grad():
-                vocab = adapter.draft_vocab
-                mlp = adapter.mlp_weights()
-                mlp = {} if mlp is None else {name: t.detach().to(device, dtype)
-                                              for name, t in zip(("post_norm", "gate_up", "down"), mlp)}
-                self.a = AdapterWeights(
-                    input_norm=adapter.input_norm.detach().to(device, dtype),
-                    qkv=adapter.qkv_weight().detach().to(device, dtype),
-                    o=adapter.o_proj.weight.detach().to(device, dtype),
-                    norm=adapter.norm.detach().to(device, dtype),
-                    head=adapter.head_weight(packed.lm_head).to(device, dtype).contiguous(),
-                    vocab=None if vocab is None else vocab.to(device), **mlp)
-        self._wide = self._widened(packed, self.ops.product_dtype(dtype, device))
-        if self.graph_mode == "compile":  # the compiled steps fold the weights in as constants
-            self.w = FrozenWeights.of(packed)
-            if self.adapter is not None:
-                self.a = FrozenWeights(**vars(self.a))
-            if self._wide is not None:
-                self._wide = (FrozenWeights.of(self._wide[0]),
-                              None if self.adapter is None else FrozenWeights(**vars(self._wide[1])))
+        self.adapter = adapter
+        self.weights = EngineWeights.prepare(packed, adapter, self.ops.product_dtype(dtype, device),
+                                             frozen=self.graph_mode == "compile")
+        self.w, self.a = self.weights.model, self.weights.adapter
         self._allocate(1, max_len, max_draft_steps)
 
-    def _widened(self, packed: PackedModel, products: torch.dtype) -> tuple | None:
-        """Copies of the products' weights (the model's, the adapter's) in ``products`` where the backend widens
-        them (``product_dtype``: float32 for bf16 on a CPU without bf16 products), else None. They serve the
-        products of more than one row (``_weights``); one-row products, memory-bound, read the narrower weights."""
-        if products == packed.dtype:
-            return None
-        a = None
-        if self.adapter is not None:
-            a = replace(self.a, qkv=self.a.qkv.to(products), o=self.a.o.to(products), head=self.a.head.to(products),
-                        **({} if self.a.gate_up is None else {"gate_up": self.a.gate_up.to(products),
-                                                              "down": self.a.down.to(products)}))
-        return packed.with_products_in(products), a
-
     def _weights(self, x: torch.Tensor) -> tuple:
-        """(model weights, adapter weights) for products over the rows of x [..., H] (``_weights_for``)."""
-        return self._weights_for(several_rows=x.numel() > x.shape[-1])
-
-    def _weights_for(self, several_rows: bool) -> tuple:
-        """(model weights, adapter weights): the widened copies (``_widened``) for products of several rows, else
-        the model's own."""
-        if self._wide is not None and several_rows:
-            return self._wide
-        return self.w, getattr(self, "a", None)
-
-    # the adapter's weights, as the engine's ops take them
-    a_input_norm = property(lambda self: self.a.input_norm)
-    a_qkv = property(lambda self: self.a.qkv)
-    a_o = property(lambda self: self.a.o)
-    a_norm = property(lambda self: self.a.norm)
-    draft_head = property(lambda self: self.a.head)
-    draft_vocab = property(lambda self: self.a.vocab)
+        """(model weights, adapter weights) for products over the rows of x [..., H] (``EngineWeights.for_rows``)."""
+        return self.weights.for_rows(several_rows=x.numel() > x.shape[-1])
 
     @property
     def max_len(self) -> int:
         return self.cache.max_len
-
-    def _graph_mode(self, graphs: bool | str | None) -> str:
-        """"cuda", "compile", "eager" or "off" (see ``__init__``)."""
-        from .backend.inductor import InductorBackend
-        from .backend.triton_backend import TritonBackend
-
-        capturable = isinstance(self.ops, TritonBackend) and self.w.device.type == "cuda"
-        if isinstance(self.ops, InductorBackend) and graphs in (None, "compile"):
-            return "compile"
-        if graphs == "compile":
-            raise ValueError(f"graphs='compile' needs the inductor backend, not the {self.ops.name} backend")
-        if graphs is None:
-            return "cuda" if capturable else "off"
-        if graphs is True:
-            if not capturable:
-                raise ValueError(f"graphs=True needs the triton backend on a CUDA device, not the {self.ops.name} "
-                                 f"backend on {self.w.device}")
-            return "cuda"
-        if graphs is False:
-            return "off"
-        if graphs == "eager":
-            return "eager"
-        raise ValueError(f"graphs={graphs!r} must be None, True, False, 'eager' or 'compile'")
 
     def _allocate(self, batch: int, max_len: int, max_draft_steps: int) -> None:
         """The static buffers for ``batch`` sequences: caches and the kept layer-l states of one round."""
@@ -290,11 +216,11 @@ class Engine:
         confidence = top1(logits)[1]
         q = target_probs(logits, settings)
         index = sample(q, generator)
-        if self.draft_vocab is None:
+        if a.vocab is None:
             return index, confidence, q
         full = q.new_zeros(q.shape[0], c.vocab_size)
-        full[:, self.draft_vocab] = q
-        return self.draft_vocab[index], confidence, full
+        full[:, a.vocab] = q
+        return a.vocab[index], confidence, full
 
     def _target_probs(self, x: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
         """Deep states [B, T, H] -> the full model's processed next-token distributions p [B, T, V]."""
@@ -328,26 +254,6 @@ class Engine:
             return x[:, lengths[0] - 1:lengths[0]]
         last = torch.tensor(lengths, device=x.device) - 1
         return x[torch.arange(len(lengths), device=x.device), last][:, None]
-
-    @torch.no_grad()
-    def forward_states(self, ids: torch.Tensor, layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """The full model over token ids [B, T] (every row from position 0; the adapter unused, the cache
-        overwritten): the hidden states after each of ``layers`` layers ({layer: [B, T, H]}) and the logits
-        [B, T, V] in float32. How training reads its teacher (``train.data.teacher_features``)."""
-        batch, t = ids.shape
-        if t > self.max_len:
-            raise ValueError(f"{t} tokens do not fit the cache of {self.max_len} positions")
-        if batch > self.cache.batch:
-            self._allocate(batch, self.max_len, self.shallow_states.shape[1] - 1)
-        self._reset(batch)
-        x, done, states = self.ops.embed(ids, self.w.embed), 0, {}
-        for layer in sorted(set(layers)):
-            x = self._layers(x, 0, done, layer)
-            states[layer], done = x, layer
-        x = self._layers(x, 0, done, self.cfg.num_layers)
-        w = self._weights(x)[0]
-        logits = self.ops.linear(self.ops.rms_norm(x, w.final_norm, self.cfg.rms_norm_eps), w.lm_head)
-        return states, logits.float()
 
     def _budgets(self, seqs: "_Sequences", settings: DecodeSettings) -> list[int]:
         """Per row, the drafts a round has room for: k + 1 new tokens within max_new_tokens and the cache."""
@@ -440,21 +346,10 @@ class Engine:
             drafts = self._padded(rnd.tokens, k)
             p = self._target_probs(self.steps.deep(states, rnd.pos, first), settings)
             counts = torch.tensor([len(d) for d in rnd.tokens], dtype=torch.int64, device=p.device)
-            accepted, bonus = speculative_accept(drafts, counts, self._draft_dists(rnd, p), p, generator)
+            accepted, bonus = speculative_accept(drafts, counts, draft_distributions(rnd.tokens, rnd.q, rnd.width, p),
+                                                  p, generator)
         self.steps.syncs += 1
         return [d[:a] + [t] for d, (a, t) in zip(rnd.tokens, torch.stack([accepted, bonus], 1).tolist())]
-
-    def _draft_dists(self, rnd: "RoundDrafts", p: torch.Tensor) -> torch.Tensor:
-        """Per row and draft, q over the vocabulary as [B, K, V]: the drafter's distribution, or a point mass on a
-        deterministic draft (q None); zero past a row's drafts."""
-        q = p.new_zeros(len(rnd.tokens), rnd.width, p.shape[-1])
-        for b, (tokens, rows) in enumerate(zip(rnd.tokens, rnd.q)):
-            for j, (token, row) in enumerate(zip(tokens, rows)):
-                if row is None:
-                    q[b, j, token] = 1.0
-                else:
-                    q[b, j] = row
-        return q
 
     def _padded(self, drafts: list[list[int]], k: int, fill: int = 0) -> torch.Tensor:
         """Drafts as a [B, k] int64 tensor, padded with ``fill`` after each row's own drafts."""
@@ -467,25 +362,14 @@ class Engine:
         self._set_lengths(pos)
         return pos
 
+    def _caches(self) -> list[StaticKVCache]:
+        """The model's KV cache and the adapter's (where there is one)."""
+        return [self.cache] + ([self.adapter_cache] if self.adapter is not None else [])
+
     def _set_lengths(self, lengths: list[int]) -> None:
         values = torch.tensor(lengths, dtype=torch.int64, device=self.w.device)
-        self.cache.lengths[:len(lengths)] = values
-        if self.adapter is not None:
-            self.adapter_cache.lengths[:len(lengths)] = values
-
-    def _keep_rows(self, rows: list[int]) -> None:
-        self.cache.keep_rows(rows)
-        if self.adapter is not None:
-            self.adapter_cache.keep_rows(rows)
-
-    def _stop_reason(self, tokens: list[int], pos: int, settings: DecodeSettings, eos: set[int]) -> str:
-        if tokens[-1] in eos:
-            return "eos"
-        if len(tokens) >= settings.max_new_tokens:
-            return "max_new_tokens"
-        if pos + 1 >= self.max_len:
-            return "cache_full"
-        return ""
+        for cache in self._caches():
+            cache.lengths[:len(lengths)] = values
 
     # ---- compiling up front -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -494,38 +378,11 @@ class Engine:
         ``exit_layer`` with the adapter when there is one; the deep steps too with ``sampling``), so that no compile
         falls inside a timed or interactive call; returns the seconds it took (0 unless the steps are compiled).
         The caches are reset afterwards."""
-        if self.graph_mode != "compile":
-            return 0.0
-        start = time.perf_counter()
-        drafting = exit_layer is not None and self.adapter is not None
-        for bsz in sorted(set(batch_sizes)):
-            if bsz > self.cache.batch:
-                self._allocate(bsz, self.max_len, self.shallow_states.shape[1] - 1)
-            self._reset(bsz)
-            pos = [8 + r for r in range(bsz)]  # past 1: a size of 1 would compile apart
-            for t in (1, 2) if drafting else (1,):
-                tokens = torch.zeros(bsz, t, dtype=torch.int64, device=self.w.device)
-                first = exit_layer if drafting else 0
-                states = self.steps.shallow(tokens, pos, exit_layer, True)[0] if drafting else \
-                    self.ops.embed(tokens, self.w.embed)
-                if drafting and t == 1:  # the greedy draft step (the shallow step alone: a round's last inputs)
-                    self.steps.draft(tokens, pos, exit_layer)
-                self.steps.verify(states, tokens[:, 1:], pos, first)
-                if sampling:
-                    self.steps.deep(states, pos, first)
-            if drafting:  # the head apart: after a copied span, or rows with unlike numbers of inputs
-                self.steps.head(self.newest[:bsz])
-                vanilla = self.ops.embed(torch.zeros(bsz, 1, dtype=torch.int64, device=self.w.device), self.w.embed)
-                self.steps.verify(vanilla, vanilla.new_zeros(bsz, 0, dtype=torch.int64), pos, 0)
-                if sampling:
-                    self.steps.deep(vanilla, pos, 0)
-        self._reset(1)
-        return time.perf_counter() - start
+        return warm_up(self, exit_layer, batch_sizes, sampling)
 
     def _reset(self, active: int) -> None:
-        self.cache.reset(active)
-        if self.adapter is not None:
-            self.adapter_cache.reset(active)
+        for cache in self._caches():
+            cache.reset(active)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -604,7 +461,7 @@ class Engine:
 
     def _drop_finished(self, seqs: "_Sequences", settings: DecodeSettings, eos: set[int], start: float) -> bool:
         """Record the finished sequences' stop reasons and drop their rows; False once none is left."""
-        reasons = [self._stop_reason(seqs.tokens[i], p, settings, eos) for i, p in zip(seqs.rows, seqs.pos)]
+        reasons = [stop_reason(seqs.tokens[i], p, settings, eos, self.max_len) for i, p in zip(seqs.rows, seqs.pos)]
         if not any(reasons):
             return True
         for i, reason in zip(seqs.rows, reasons):
@@ -614,7 +471,8 @@ class Engine:
         keep = [r for r, reason in enumerate(reasons) if not reason]
         if not keep:
             return False
-        self._keep_rows(keep)
+        for cache in self._caches():
+            cache.keep_rows(keep)
         seqs.rows, seqs.pos, seqs.last = ([values[r] for r in keep] for values in (seqs.rows, seqs.pos, seqs.last))
         return True
 
@@ -623,7 +481,7 @@ class Engine:
         """Statistics, the emitted tokens (cut after an EOS) to their sequences and the drafter, then commit."""
         for r, new in enumerate(emitted):
             i = seqs.rows[r]
-            self._record(seqs.stats[i], len(rnd.tokens[r]), len(new) - 1)
+            seqs.stats[i].record_round(len(rnd.tokens[r]), len(new) - 1)
             seqs.stats[i].lookup_drafts += rnd.copied[r]
             new = _cut_after_eos(new, eos)
             emitted[r] = new
@@ -635,16 +493,16 @@ class Engine:
                 callback(i, new)
         seqs.pos = self.commit(seqs.pos, [len(new) for new in emitted])
 
-    @staticmethod
-    def _record(stats: GenerationStats, drafted: int, accepted: int) -> None:
-        for j in range(drafted):
-            if j >= len(stats.drafted_at):
-                stats.drafted_at.append(0)
-                stats.accepted_at.append(0)
-            stats.drafted_at[j] += 1
-            stats.accepted_at[j] += int(j < accepted)
-        stats.rounds += 1
-        stats.draft_steps += drafted
+
+def stop_reason(tokens: list[int], pos: int, settings: DecodeSettings, eos: set[int], max_len: int) -> str:
+    """Why a sequence with ``tokens`` emitted, at ``pos`` in a cache of ``max_len``, stops now ("": it goes on)."""
+    if tokens[-1] in eos:
+        return "eos"
+    if len(tokens) >= settings.max_new_tokens:
+        return "max_new_tokens"
+    if pos + 1 >= max_len:
+        return "cache_full"
+    return ""
 
 
 def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:

@@ -1,7 +1,7 @@
 """The decode steps over the engine's static KV cache: plain calls, CUDA graphs captured once and replayed, or compiled.
 
-Five steps make every round of every decode mode (``Engine._round``), each kept once per (kind, batch, new tokens,
-layers):
+Five steps make every round of every decode mode (``Engine.generate_batch``), each kept once per (kind, batch, new
+tokens, layers):
 
     shallow  tokens [B, T], position [B]      -> layer-l states [B, T, H], adapter outputs [B, T, H] (or None)
                                                  (embedding, layers 0..l-1, the adapter where the drafter uses it)
@@ -17,14 +17,14 @@ Mode "compile" (the inductor backend on CPU) runs each step as one ``torch.compi
 Inductor fuses the small ops of a layer into C++ loops. Positions come in as a [B] tensor and the keys' bound
 ``end`` as an int; batch, T and ``end`` are symbolic, so a kind of step compiles at most four times (batch of one or
 more, T of one or more). Where this CPU has oneDNN's bf16 products (AVX512-BF16, AMX), freezing folds the weights in
-as constants packed for them; the weights are read through ``FrozenWeights`` modules (freezing folds only module
+as constants packed for them; the weights are read through ``weights.FrozenWeights`` modules (freezing folds only module
 parameters). Packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, and freezing turns
 the AOT graph cache off, so there each process compiles again (about half a minute per kind of step for
 SmolLM2-135M on two cores). On a CPU without them (AVX2) a bf16 model's steps have nothing to pack: one-row
 products read the bf16 weights, those of several rows (verification of several tokens, batches) FBGEMM's float16
 copies through a registered op (``backend/fbgemm.py``); they compile without freezing, and both on-disk caches serve
 them to a second process (``compile_options``). Only where FBGEMM is missing too do the steps of several rows read
-float32 copies of the weights (``Engine._weights``), frozen and packed for oneDNN.
+float32 copies of the weights (``weights.EngineWeights``), frozen and packed for oneDNN.
 
 ``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
 a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import types
 from typing import Callable
 
 import torch
-from torch import nn
 
 
 class StepGraph:
@@ -92,34 +92,6 @@ class StepGraph:
         return self.outputs
 
 
-class FrozenWeights(nn.Module):
-    """Tensors as parameters of one module (sharing their storage), so that a compiled step reads them as module
-    weights: Inductor's freezing folds only those into the compiled code (and prepacks bf16 products for oneDNN).
-    Tensors in lists become ``ModuleList`` entries of the same kind; other values stay plain attributes.
-    ``FrozenWeights.of(packed)`` reads like the ``PackedModel`` it wraps."""
-
-    def __init__(self, **values):
-        super().__init__()
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                value = nn.Parameter(value, requires_grad=False)
-            elif isinstance(value, list) and value and hasattr(value[0], "__dataclass_fields__"):
-                value = nn.ModuleList(FrozenWeights(**vars(item)) for item in value)
-            setattr(self, name, value)
-
-    @classmethod
-    def of(cls, packed) -> "FrozenWeights":
-        return cls(**vars(packed))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
-
-
 def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
     """Inductor's options for compiled steps whose products run in ``products``: freezing (weights folded in as
     constants packed for oneDNN) where oneDNN has those products here (bf16: AVX512-BF16 or AMX; float32: any CPU
@@ -128,7 +100,7 @@ def compile_options(products: torch.dtype = torch.bfloat16) -> dict[str, bool]:
     wrapper too (``cpp_wrapper``: the step's calls made from C++, not from generated Python; a draft step of the
     embedded model 0.1-0.2 ms faster in an ad-hoc A/B on a 2-core CPU, its cold compile about a third longer, paid
     once per machine); frozen steps, compiled again in every process, keep the Python wrapper."""
-    from .backend.onednn import onednn_available
+    from .backend.cpu import onednn_available
 
     if products == torch.bfloat16:
         freezing = onednn_available()
@@ -355,7 +327,7 @@ class DecodeSteps:
                     "verify": "verification", "deep": "deep layers"}
             name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
                                                                           else "")
-            weights = self.engine._weights_for(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0]
+            weights = self.engine.weights.for_rows(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0]
             self.graphs[key] = CompiledStep(step, dynamic, name, weights.lm_head.dtype)
         return self.graphs[key](**inputs)
 
@@ -400,3 +372,60 @@ def _verify_padded(fn) -> Callable:
         return fn(states=states, drafts=drafts, position=position, end=end)
 
     return step
+
+
+def graph_mode(ops, device: torch.device, graphs: bool | str | None) -> str:
+    """The engine's decode steps for ``graphs`` (``Engine.__init__``) with backend ``ops`` on ``device``: "cuda",
+    "compile", "eager" or "off"."""
+    from .backend.inductor import InductorBackend
+    from .backend.triton_backend import TritonBackend
+
+    capturable = isinstance(ops, TritonBackend) and device.type == "cuda"
+    if isinstance(ops, InductorBackend) and graphs in (None, "compile"):
+        return "compile"
+    if graphs == "compile":
+        raise ValueError(f"graphs='compile' needs the inductor backend, not the {ops.name} backend")
+    if graphs is None:
+        return "cuda" if capturable else "off"
+    if graphs is True:
+        if not capturable:
+            raise ValueError(f"graphs=True needs the triton backend on a CUDA device, not the {ops.name} "
+                             f"backend on {device}")
+        return "cuda"
+    if graphs is False:
+        return "off"
+    if graphs == "eager":
+        return "eager"
+    raise ValueError(f"graphs={graphs!r} must be None, True, False, 'eager' or 'compile'")
+
+
+@torch.no_grad()
+def warm_up(engine, exit_layer: int | None, batch_sizes: tuple[int, ...], sampling: bool) -> float:
+    """Run every kind of ``engine``'s compiled steps once at each batch size (``Engine.warm_up``); the seconds."""
+    if engine.graph_mode != "compile":
+        return 0.0
+    start = time.perf_counter()
+    drafting = exit_layer is not None and engine.adapter is not None
+    for bsz in sorted(set(batch_sizes)):
+        if bsz > engine.cache.batch:
+            engine._allocate(bsz, engine.max_len, engine.shallow_states.shape[1] - 1)
+        engine._reset(bsz)
+        steps, pos = engine.steps, [8 + r for r in range(bsz)]  # past 1: a size of 1 would compile apart
+        for t in (1, 2) if drafting else (1,):
+            tokens = torch.zeros(bsz, t, dtype=torch.int64, device=engine.w.device)
+            first = exit_layer if drafting else 0
+            states = steps.shallow(tokens, pos, exit_layer, True)[0] if drafting else \
+                engine.ops.embed(tokens, engine.w.embed)
+            if drafting and t == 1:  # the greedy draft step (the shallow step alone: a round's last inputs)
+                steps.draft(tokens, pos, exit_layer)
+            steps.verify(states, tokens[:, 1:], pos, first)
+            if sampling:
+                steps.deep(states, pos, first)
+        if drafting:  # the head apart: after a copied span, or rows with unlike numbers of inputs
+            steps.head(engine.newest[:bsz])
+            vanilla = engine.ops.embed(torch.zeros(bsz, 1, dtype=torch.int64, device=engine.w.device), engine.w.embed)
+            steps.verify(vanilla, vanilla.new_zeros(bsz, 0, dtype=torch.int64), pos, 0)
+            if sampling:
+                steps.deep(vanilla, pos, 0)
+    engine._reset(1)
+    return time.perf_counter() - start

@@ -131,7 +131,7 @@ def _cpu_has_bf16() -> bool:
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX) and on other
     CPUs where the inductor backend can compile (a C++ compiler), whose bf16 path avoids what bf16 would make slow
-    there (float32 KV caches, ``onednn.arithmetic_dtype``; products of several rows on FBGEMM's float16 copies,
+    there (float32 KV caches, ``cpu.arithmetic_dtype``; products of several rows on FBGEMM's float16 copies,
     ``backend/fbgemm.py``): on a 2-core AVX2 EPYC vanilla decoding ran 34.7 tokens/s in bf16 against
     13.7 in float32 (``bench/dtype_ab.py``, six tune prompts); else float16 on older GPUs and float32 on CPUs."""
     from .backend.inductor import cpp_compiler_available

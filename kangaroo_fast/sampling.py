@@ -83,3 +83,16 @@ def speculative_accept(drafts: torch.Tensor, num_drafts: torch.Tensor, draft_pro
     # p == q up to rounding leaves no residual; p itself is then the exact answer
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
     return accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
+
+
+def draft_distributions(drafts: list[list[int]], q: list[list], width: int, p: torch.Tensor) -> torch.Tensor:
+    """Per row and draft, q over the vocabulary as [B, width, V] (V and dtype from the targets' p): the drafter's
+    distribution ``q[b][j]``, or a point mass on a deterministic draft (``q[b][j]`` None); zero past a row's drafts."""
+    dists = p.new_zeros(len(drafts), width, p.shape[-1])
+    for b, (tokens, rows) in enumerate(zip(drafts, q)):
+        for j, (token, row) in enumerate(zip(tokens, rows)):
+            if row is None:
+                dists[b, j, token] = 1.0
+            else:
+                dists[b, j] = row
+    return dists

@@ -9,6 +9,7 @@ import torch
 import kangaroo_fast
 from kangaroo_fast import Adapter, AdapterConfig, ModelConfig
 from kangaroo_fast.adapter import MLP_KEYS, WEIGHT_KEYS
+from kangaroo_fast.train.data import forward_states
 
 from conftest import random_adapter, random_prompt, tiny_model
 
@@ -278,7 +279,7 @@ def test_engine_runs_the_adapters_mlp_as_training_does(model):
     adapter = random_adapter(model, 2, seed=11, mlp_size=20)
     engine = kangaroo_fast.load(model, adapter=adapter).engine
     ids = random_prompt(model.config.vocab_size, 13, seed=5)
-    states, _ = engine.forward_states(ids, [2])
+    states, _ = forward_states(engine, ids, [2])
     hidden = states[2]
     cos, sin = engine.w.rope_cos[:13], engine.w.rope_sin[:13]
     expected = adapter(hidden, cos, sin)

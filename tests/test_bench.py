@@ -13,6 +13,12 @@ import kangaroo_fast as kf
 from kangaroo_fast import benchmark, cli
 from conftest import random_adapter, tiny_model
 
+
+def encode_bytes(monkeypatch) -> None:
+    """The bench's prompts encoded as bytes (``byte_encoder``), wherever the runs and the command line encode them."""
+    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    monkeypatch.setattr(benchmark.runner, "chat_encoder", lambda model: byte_encoder)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = benchmark.DEFAULT_PROMPTS
 TINY_VOCAB = 131  # the tiny llama of conftest
@@ -258,9 +264,9 @@ def test_forced_mismatch_is_flagged(tiny, monkeypatch):
 
 
 def test_first_difference():
-    assert benchmark._first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert benchmark._first_difference([1, 5, 3], [1, 2, 3]) == 1
-    assert benchmark._first_difference([1, 2], [1, 2, 3]) == 2
+    assert benchmark.runner._first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert benchmark.runner._first_difference([1, 5, 3], [1, 2, 3]) == 1
+    assert benchmark.runner._first_difference([1, 2], [1, 2, 3]) == 2
 
 
 def test_compile_failure_is_recorded_not_raised(tiny, monkeypatch):
@@ -310,7 +316,7 @@ def test_results_files(tiny_result, tmp_path):
 
 def test_cli_bench_quick_writes_results(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
-    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    encode_bytes(monkeypatch)
     code = cli.main(["bench", "--quick", "--methods", "hf", "vanilla", "kangaroo", "--max-new-tokens", "5",
                      "--output-dir", str(tmp_path), "--name", "quick"])
     assert code == 0
@@ -346,7 +352,7 @@ def test_batch_sizes_axis(tiny):
 def test_batch_sizes_run_vllm_methods_as_concurrent_requests(tiny, monkeypatch):
     """The vLLM methods join the batch axis: each group goes to the peer as one call of concurrent requests (a
     stand-in peer here: the greedy tokens, counted calls); rows gain the ratio to vLLM at the same batch size."""
-    from kangaroo_fast.vllm import bench as peer
+    from kangaroo_fast.benchmark import vllm_peer as peer
 
     calls = []
 
@@ -367,7 +373,7 @@ def test_batch_sizes_run_vllm_methods_as_concurrent_requests(tiny, monkeypatch):
             calls.append(("closed", 0))
 
     monkeypatch.setattr(peer, "vllm_available", lambda: True)
-    monkeypatch.setattr(benchmark, "VLLMPeer", FakePeer)
+    monkeypatch.setattr(benchmark.runner, "VLLMPeer", FakePeer)
     samples = [benchmark.Sample(f"s{i}", "qa", [f"question {i}?"]) for i in range(5)]
     batch = benchmark.run_batch_sizes(tiny, samples, [3], max_new_tokens=5, encode=byte_encoder,
                                       peers=["hf", "vllm_ngram", "vllm"])
@@ -384,7 +390,7 @@ def test_batch_sizes_run_vllm_methods_as_concurrent_requests(tiny, monkeypatch):
 
 def test_cli_bench_batch_sizes_in_results(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
-    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    encode_bytes(monkeypatch)
     code = cli.main(["bench", "--quick", "--methods", "hf", "vanilla", "kangaroo", "--max-new-tokens", "4",
                      "--batch-sizes", "1", "3", "--output-dir", str(tmp_path), "--name", "b"])
     assert code == 0
@@ -423,7 +429,7 @@ def test_tune_grid(tiny):
 
 def test_cli_tune_runs_on_the_tune_split(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
-    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    encode_bytes(monkeypatch)
     grid = ["--thresholds", "0.5", "--steps", "2", "--max-new-tokens", "3", "--output-dir", str(tmp_path)]
     assert cli.main(["tune", "--per-category", "1", "--name", "t", *grid]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
@@ -472,7 +478,7 @@ def test_readme_block_is_rewritten(report, tiny_result, tmp_path):
 
 def test_report_runs_the_bench_then_adds_commit_plot_and_readme(report, tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kf, "load", lambda *a, **k: tiny)
-    monkeypatch.setattr(benchmark, "chat_encoder", lambda model: byte_encoder)
+    encode_bytes(monkeypatch)
     readme = tmp_path / "README.md"
     readme.write_text(f"{report.README_START}\n{report.README_END}\n")
     code = report.main(["--readme", str(readme), "--quick", "--methods", "hf", "vanilla", "kangaroo",

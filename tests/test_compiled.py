@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 import kangaroo_fast
 from kangaroo_fast.backend import TorchBackend, default_backend_name
 from kangaroo_fast.backend.inductor import InductorBackend, cpp_compiler_available
-from kangaroo_fast.backend.onednn import onednn_available
+from kangaroo_fast.backend.cpu import onednn_available
 from kangaroo_fast.graphs import CompiledStep
 
 from conftest import TOLERANCES, WidenedProducts, hf_greedy, random_adapter, random_prompt, tiny_model
@@ -149,14 +149,14 @@ def test_default_cpu_backend_compiles_bfloat16_only():
 def test_eager_products_without_onednn_are_plain_linear(monkeypatch):
     """Where this CPU has no oneDNN bf16 products (AVX2 only), the backend still builds and its eager products
     (prefill, sampling's heads) are exactly ``F.linear``; with oneDNN they agree within bf16 rounding."""
-    import kangaroo_fast.backend.inductor as inductor
+    from kangaroo_fast.backend import cpu
 
     x = torch.randn(7, 123, dtype=torch.bfloat16)
     w = torch.randn(37, 123, dtype=torch.bfloat16)
     ref = torch.nn.functional.linear(x, w)
     if onednn_available():
         torch.testing.assert_close(InductorBackend.linear(x, w).float(), ref.float(), rtol=2e-2, atol=2e-1)
-    monkeypatch.setattr(inductor, "onednn_available", lambda: False)
+    monkeypatch.setattr(cpu, "onednn_available", lambda: False)
     ops = InductorBackend()
     assert torch.equal(ops.linear(x, w), ref)
 
@@ -240,10 +240,10 @@ def test_compiled_bf16_without_bf16_products(monkeypatch):
     (nothing to pack, so Inductor's on-disk caches keep them), the steps of several rows the float32 copies, frozen
     and packed by Inductor; the eager calls (prefill) pack those copies once; Kangaroo emits the compiled vanilla
     decode."""
-    from kangaroo_fast.backend import onednn
+    from kangaroo_fast.backend import cpu, onednn
     from kangaroo_fast.config import DecodeSettings
 
-    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    monkeypatch.setattr(cpu, "onednn_available", lambda: False)
     model = tiny_model("llama", 12, num_hidden_layers=3).to(torch.bfloat16)
     km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=8), backend=WidenedProducts(),
                             dtype=torch.bfloat16)
@@ -258,7 +258,7 @@ def test_compiled_bf16_without_bf16_products(monkeypatch):
     for key, step in steps.items():
         several = "T>1" in key or "B>1" in key
         assert step.options["freezing"] == (several and torch.backends.mkldnn.is_available()), key
-    wide, _a = engine._wide
+    wide, _a = engine.weights.wide
     products = [getattr(w, name) for w in wide.layers for name in ("w_qkv", "w_o", "w_gate_up", "w_down")]
     keys = {(p.data_ptr(), tuple(p.shape), p.dtype, None) for p in products}
     assert keys <= set(onednn.OneDNNBackend._packed)  # the prefill's products (every layer's) packed them

@@ -235,11 +235,11 @@ def test_adapter_forward_equals_engine_steps(kind, exit_layer, length):
         steps = []
         for i in range(length):
             out = eng._adapter(hidden[:, i:i + 1], i)
-            steps.append(TorchBackend.rms_norm(out, eng.a_norm, c.rms_norm_eps))
+            steps.append(TorchBackend.rms_norm(out, eng.a.norm, c.rms_norm_eps))
         stepwise = torch.cat(steps, dim=1)
         # and the engine's adapter over the whole sequence at once (the prefill path)
         eng.adapter_cache.reset()
-        prefill = TorchBackend.rms_norm(eng._adapter(hidden, 0), eng.a_norm, c.rms_norm_eps)
+        prefill = TorchBackend.rms_norm(eng._adapter(hidden, 0), eng.a.norm, c.rms_norm_eps)
     assert whole.shape == (1, length, c.hidden_size)
     torch.testing.assert_close(stepwise, whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prefill, whole, atol=1e-5, rtol=1e-5)
@@ -262,7 +262,7 @@ def test_adapter_forward_on_real_shallow_states():
         eng.adapter_cache.reset()
         h = eng._layers(eng.ops.embed(ids, eng.w.embed), 0, 0, 2)
         torch.testing.assert_close(h, hs, atol=1e-5, rtol=1e-5)
-        stepwise = torch.cat([TorchBackend.rms_norm(eng._adapter(h[:, i:i + 1], i), eng.a_norm, km.config.rms_norm_eps)
+        stepwise = torch.cat([TorchBackend.rms_norm(eng._adapter(h[:, i:i + 1], i), eng.a.norm, km.config.rms_norm_eps)
                               for i in range(19)], dim=1)
     torch.testing.assert_close(stepwise, whole, atol=1e-5, rtol=1e-5)
 

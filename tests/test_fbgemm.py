@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kangaroo_fast
-from kangaroo_fast.backend import onednn
+from kangaroo_fast.backend import cpu
 from kangaroo_fast.backend.fbgemm import _Packs, exact_scale, fp16_linear, fp16_products, fp16_products_available
 from kangaroo_fast.backend.inductor import InductorBackend, cpp_compiler_available
 from kangaroo_fast.config import DecodeSettings
@@ -113,7 +113,7 @@ def test_compiled_products_are_the_eager_ones():
 @pytest.mark.parametrize("has_bf16_products", [False, True])
 def test_the_rule(monkeypatch, has_bf16_products):
     """FBGEMM's products for a bf16 model where oneDNN has no bf16 ones; one row stays on the bf16 weights."""
-    monkeypatch.setattr(onednn, "onednn_available", lambda: has_bf16_products)
+    monkeypatch.setattr(cpu, "onednn_available", lambda: has_bf16_products)
     assert fp16_products() == (not has_bf16_products)
     assert InductorBackend._fp16(torch.bfloat16, torch.device("cpu")) == (not has_bf16_products)
     assert InductorBackend.product_dtype(torch.bfloat16, "cpu") == torch.bfloat16  # never widened where FBGEMM is
@@ -134,13 +134,13 @@ def test_engine_on_fp16_products(monkeypatch):
     float32 caches; every compiled step unfrozen (nothing to pack: all of them in Inductor's on-disk caches); the
     prefill and the steps of several rows multiply on the packed float16 copies (packed once); Kangaroo emits the
     engine's vanilla decode, and a batch its first row's."""
-    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    monkeypatch.setattr(cpu, "onednn_available", lambda: False)
     model = tiny_model("qwen2", 13, num_hidden_layers=3).to(torch.bfloat16)  # qwen2: a bias in the qkv product
     before = {name: p.clone() for name, p in model.named_parameters()}
     km = kangaroo_fast.load(model, adapter=random_adapter(model, 2, seed=9), backend=HalfProducts(),
                             dtype=torch.bfloat16)
     engine = km.engine
-    assert engine._wide is None and engine.cache.k.dtype == torch.float32
+    assert engine.weights.wide is None and engine.cache.k.dtype == torch.float32
     prompt = random_prompt(model.config.vocab_size, 11, 1300)
     settings = DecodeSettings(exit_layer=2, threshold=0.0, max_draft_steps=3, max_new_tokens=12)
     packs = _Packs.packs

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import kangaroo_fast
 from kangaroo_fast.backend import TorchBackend, get_backend
-from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available
+from kangaroo_fast.backend.cpu import onednn_available
+from kangaroo_fast.backend.onednn import OneDNNBackend
 from kangaroo_fast.config import DecodeSettings
 
 from conftest import TOLERANCES, early_exit_adapter, hf_greedy, random_prompt, tiny_model

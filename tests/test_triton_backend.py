@@ -186,7 +186,7 @@ import sys
 sys.modules["triton"] = None  # import triton now raises ImportError
 import torch, kangaroo_fast
 from kangaroo_fast.backend import default_backend_name, get_backend, resolve_backend
-from kangaroo_fast.backend.onednn import onednn_available
+from kangaroo_fast.backend.cpu import onednn_available
 cpu = "onednn" if onednn_available() else "torch"
 assert default_backend_name("cuda") == "torch" and default_backend_name("cpu") == cpu
 assert resolve_backend(None, "cpu").name == cpu
@@ -202,7 +202,8 @@ else:
 
 
 def test_backend_choice_follows_the_device():
-    from kangaroo_fast.backend.onednn import OneDNNBackend, onednn_available
+    from kangaroo_fast.backend.cpu import onednn_available
+    from kangaroo_fast.backend.onednn import OneDNNBackend
 
     cpu_default = "onednn" if onednn_available() else "torch"
     assert default_backend_name("cpu") == cpu_default

@@ -13,7 +13,7 @@ import torch
 import kangaroo_fast as kf
 import kangaroo_fast.vllm as kv
 from kangaroo_fast import benchmark, cli
-from kangaroo_fast.vllm import bench as peer
+from kangaroo_fast.benchmark import vllm_peer as peer
 from kangaroo_fast.vllm import proposer as kp
 
 from conftest import random_adapter, tiny_model
@@ -91,9 +91,9 @@ def test_vllm_config_command_prints_the_config_vllm_serve_takes(tiny_dirs, capsy
 
 
 def test_default_methods_include_vllm_only_where_it_imports(monkeypatch):
-    monkeypatch.setattr(benchmark, "vllm_available", lambda: False)
+    monkeypatch.setattr(peer, "vllm_available", lambda: False)
     assert benchmark.default_methods() == list(benchmark.METHODS)
-    monkeypatch.setattr(benchmark, "vllm_available", lambda: True)
+    monkeypatch.setattr(peer, "vllm_available", lambda: True)
     assert benchmark.default_methods() == list(benchmark.METHODS) + list(peer.PEER_METHODS)
 
 

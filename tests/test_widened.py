@@ -14,7 +14,7 @@ import torch
 
 import kangaroo_fast
 from kangaroo_fast.backend import TorchBackend, get_backend
-from kangaroo_fast.backend import onednn
+from kangaroo_fast.backend import cpu
 from kangaroo_fast.backend.inductor import InductorBackend, cpp_compiler_available
 from kangaroo_fast.config import DecodeSettings
 
@@ -29,7 +29,7 @@ def _bf16(shape, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("has_bf16_products", [False, True])
 def test_the_rule(monkeypatch, has_bf16_products):
-    monkeypatch.setattr(onednn, "onednn_available", lambda: has_bf16_products)
+    monkeypatch.setattr(cpu, "onednn_available", lambda: has_bf16_products)
     wide = torch.bfloat16 if has_bf16_products else torch.float32
     assert TorchBackend.cache_dtype(torch.bfloat16, "cpu") == wide
     assert TorchBackend.cache_dtype(torch.float32, "cpu") == torch.float32
@@ -144,7 +144,7 @@ def test_products_on_widened_weights(rows, k, n, bias):
 @pytest.fixture
 def without_bf16_products(monkeypatch):
     """This CPU as an AVX2 one, whatever it is: no oneDNN bf16 products."""
-    monkeypatch.setattr(onednn, "onednn_available", lambda: False)
+    monkeypatch.setattr(cpu, "onednn_available", lambda: False)
 
 
 @pytest.mark.skipif(not cpp_compiler_available(), reason="the inductor backend needs a C++ compiler")
@@ -154,7 +154,7 @@ def test_engine_widens_the_products_of_several_rows(without_bf16_products):
     km = kangaroo_fast.load(model, adapter=early_exit_adapter(model, 2), backend=WidenedProducts(),
                             dtype=torch.bfloat16, graphs=False)
     engine, h = km.engine, model.config.hidden_size
-    wide_w, wide_a = engine._wide
+    wide_w, wide_a = engine.weights.wide
     assert engine.w.lm_head.dtype == engine.a.head.dtype == torch.bfloat16
     assert wide_w.lm_head.dtype == wide_a.head.dtype == wide_a.qkv.dtype == torch.float32
     assert all(w.w_qkv.dtype == w.b_qkv.dtype == w.w_down.dtype == torch.float32 for w in wide_w.layers)

@@ -52,7 +52,7 @@ def default_backend_name(device: torch.device | str, dtype: torch.dtype | None =
     exists (its bf16 products on packed weights; everything else, float32 included, is the reference's); else
     'torch'."""
     from .inductor import cpp_compiler_available
-    from .onednn import onednn_available
+    from .cpu import onednn_available
     from .triton_backend import triton_available
 
     kind = torch.device(device).type

@@ -28,6 +28,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import cpu
 from .onednn import memo_by_memory
 
 _FP16_MAX = 65504.0
@@ -50,9 +51,7 @@ def fp16_products_available() -> bool:
 def fp16_products() -> bool:
     """A bfloat16 model's products of several rows run on FBGEMM's float16 weights here: a CPU without oneDNN's
     bf16 products (AVX2), where FBGEMM's float16 ones exist."""
-    from .onednn import onednn_available
-
-    return not onednn_available() and fp16_products_available()
+    return not cpu.onednn_available() and fp16_products_available()
 
 
 def exact_scale(weight: torch.Tensor) -> int | None:

@@ -7,14 +7,14 @@ Two ops of the reference do not compile well, and change form here (the maths st
   mask (a data-dependent shape); here one ``index_copy_`` (one sequence) or ``index_put_`` (a batch) writes every
   row at its own positions, clamped into the cache (padding past a sequence's room lands in the last slot, which no
   real position of a decoding sequence uses: a sequence stops once its cache has one free slot left,
-  ``Engine._stop_reason``);
+  ``engine.stop_reason``);
 - attention with per-sequence starts reads keys up to ``end``, the bound the host passes in (no sync); one
   sequence attends as the reference does with an int start: over float32 caches the reference's own call (bit
   for bit), over bf16/float16 ones as grouped float32 products (``_grouped_float32_attention``: torch's CPU SDPA
   with grouped heads took 0.21 ms a call at 300 keys on an AVX512-BF16 EPYC, the grouped form 0.064 ms, by
   ``bench/step_breakdown.py``'s attention row; a vanilla step makes 30 such calls).
 Products go to ``F.linear``: inside a compiled step Inductor's freezing packs the bf16 weights for oneDNN once
-where this CPU and torch build can (``onednn_available``), as ``OneDNNBackend`` does by hand for the eager calls
+where this CPU and torch build can (``cpu.onednn_available``), as ``OneDNNBackend`` does by hand for the eager calls
 outside the steps (prefill, sampling's heads). Where they cannot (an AVX2-only CPU has no bf16 oneDNN products), a
 bf16 model's products of several rows (prefill, verification of several tokens, batches) run on FBGEMM's float16
 copies of the weights (``fbgemm.fp16_linear``: exact, one registered op, so the steps stay unfrozen and in
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .fbgemm import fp16_linear, fp16_products
-from .onednn import OneDNNBackend, arithmetic_dtype, onednn_available, packed_linear
+from . import cpu
+from .onednn import OneDNNBackend, packed_linear
 from .torch_ref import TorchBackend
 
 
@@ -50,7 +51,7 @@ class InductorBackend(OneDNNBackend):
 
     def __init__(self):
         if not cpp_compiler_available():
-            eager = "onednn" if onednn_available() else "torch"
+            eager = "onednn" if cpu.onednn_available() else "torch"
             raise RuntimeError("the inductor backend compiles C++ and found no compiler (set CXX, or install g++); "
                                f"use backend={eager!r}")
 
@@ -63,13 +64,13 @@ class InductorBackend(OneDNNBackend):
 
     @classmethod
     def product_dtype(cls, dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-        """float32 for a bfloat16 model on a CPU without oneDNN's bf16 products (``onednn.arithmetic_dtype``) and
+        """float32 for a bfloat16 model on a CPU without oneDNN's bf16 products (``cpu.arithmetic_dtype``) and
         without FBGEMM's float16 ones (``_fp16``): the engine then holds copies of its products' weights widened for
-        the products of several rows (``Engine._weights``), which run in float32 on them packed for oneDNN (by
-        Inductor's freezing in the compiled steps, by ``onednn.packed_linear`` outside them)."""
+        the products of several rows (``weights.EngineWeights.for_rows``), which run in float32 on them packed for
+        oneDNN (by Inductor's freezing in the compiled steps, by ``onednn.packed_linear`` outside them)."""
         if cls._fp16(dtype, torch.device(device)):
             return dtype
-        return arithmetic_dtype(dtype, device)
+        return cpu.arithmetic_dtype(dtype, device)
 
     @classmethod
     def linear(cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,7 +86,7 @@ class InductorBackend(OneDNNBackend):
             # draft step of the embedded model, 5-10 us each on a 2-core AVX2 CPU)
             row = x.as_strided((1, x.shape[-1]), (x.shape[-1], 1))
             return F.linear(row, weight, bias).view(*x.shape[:-1], weight.shape[0])
-        if torch.compiler.is_compiling() or not onednn_available():
+        if torch.compiler.is_compiling() or not cpu.onednn_available():
             return F.linear(x, weight, bias)
         return super().linear(x, weight, bias)
 

@@ -14,43 +14,14 @@ weights take twice their size while an engine lives; ``backend="torch"`` avoids 
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu
 from .torch_ref import TorchBackend
-
-
-@functools.lru_cache(maxsize=None)
-def onednn_available() -> bool:
-    """oneDNN's packed bf16 linear exists in this torch build (and runs here)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w = torch.ones(8, 16, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), packed, None, "none",
-                                                 [None], "")
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(torch.allclose(out.float(), torch.full((1, 8), 16.0)))
-
-
-def arithmetic_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype a ``dtype`` model's products and KV caches compute in on ``device`` on the CPU paths that widen
-    (``TorchBackend.cache_dtype``, ``InductorBackend.product_dtype``): float32 for bfloat16 on a CPU without oneDNN's
-    bf16 products (AVX2), else ``dtype``. There, measured on a 2-core AVX2 EPYC: a bf16 product converts its
-    weights for every row (a 4-row LM head costs 3x one row; a 300-row layer product 5-7x the same in float32) and
-    bf16 attention converts its keys at every step (3-4x float32 attention); the float32 ones read twice the bytes
-    but cost about the same per row at 1..8 rows once packed (``bench/linear_rows.py``). bf16 widens to float32
-    exactly, so the weights and cached keys hold the same numbers; products round to bf16 as a bf16 product does.
-    (The inductor backend widens products only where FBGEMM's float16 ones are missing too: ``backend/fbgemm.py``.)"""
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not onednn_available():
-        return torch.float32
-    return dtype
 
 
 def memo_by_memory(entries: dict, key: tuple, weight: torch.Tensor, make: Callable[[], object]):
@@ -84,7 +55,7 @@ class OneDNNBackend(TorchBackend):
     packs = 0  # weights packed so far (tests check that steps reuse the packed copies)
 
     def __init__(self):
-        if not onednn_available():
+        if not cpu.onednn_available():
             raise RuntimeError("the onednn backend needs a torch build with oneDNN's packed linear "
                                "(torch.ops.mkldnn._linear_pointwise); use backend='torch'")
 

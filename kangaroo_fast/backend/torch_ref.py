@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu
+
 
 class TorchBackend:
     name = "torch"
@@ -16,12 +18,10 @@ class TorchBackend:
     @staticmethod
     def cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
         """The dtype of the KV caches for a model in ``dtype`` on ``device``: float32 for bfloat16 on a CPU without
-        bf16 products (``onednn.arithmetic_dtype``: attention over float32 keys costs a third of attention over bf16
+        bf16 products (``cpu.arithmetic_dtype``: attention over float32 keys costs a third of attention over bf16
         ones there), else ``dtype``. The attention's arithmetic is then float32 throughout, its output in the
         queries' dtype."""
-        from .onednn import arithmetic_dtype
-
-        return arithmetic_dtype(dtype, device)
+        return cpu.arithmetic_dtype(dtype, device)
 
     @staticmethod
     def product_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:

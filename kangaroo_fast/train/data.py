@@ -164,10 +164,31 @@ class Features:
 
 
 @torch.no_grad()
+def forward_states(engine, ids: torch.Tensor, layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """``engine``'s full model over token ids [B, T] (every row from position 0; the adapter unused, the cache
+    overwritten): the hidden states after each of ``layers`` layers ({layer: [B, T, H]}) and the logits
+    [B, T, V] in float32. How training reads its teacher (``teacher_features``)."""
+    batch, t = ids.shape
+    if t > engine.max_len:
+        raise ValueError(f"{t} tokens do not fit the cache of {engine.max_len} positions")
+    if batch > engine.cache.batch:
+        engine._allocate(batch, engine.max_len, engine.shallow_states.shape[1] - 1)
+    engine._reset(batch)
+    x, done, states = engine.ops.embed(ids, engine.w.embed), 0, {}
+    for layer in sorted(set(layers)):
+        x = engine._layers(x, 0, done, layer)
+        states[layer], done = x, layer
+    x = engine._layers(x, 0, done, engine.cfg.num_layers)
+    w = engine._weights(x)[0]
+    logits = engine.ops.linear(engine.ops.rms_norm(x, w.final_norm, engine.cfg.rms_norm_eps), w.lm_head)
+    return states, logits.float()
+
+
+@torch.no_grad()
 def teacher_features(packed, sequences: list[list[int]], exit_layers: list[int], top_k: int, batch_size: int,
                      progress: bool = True, backend: str | None = None) -> Features:
     """Run the full model (``packed``) over each sequence once (right-padded batches of similar lengths, so
-    padding never reaches real positions) and keep what distillation needs. The engine's ``forward_states`` over
+    padding never reaches real positions) and keep what distillation needs. ``forward_states`` on an engine over
     ``backend`` (None: the device's default, as ``greedy_decoder``; eager) computes it; in float32 it matches HF's
     forward (tests)."""
     from ..engine import Engine
@@ -183,7 +204,7 @@ def teacher_features(packed, sequences: list[list[int]], exit_layers: list[int],
         ids = torch.zeros((len(idx), width), dtype=torch.int64)
         for row, i in enumerate(idx):
             ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
-        states, logits = engine.forward_states(ids.to(packed.device), exit_layers)
+        states, logits = forward_states(engine, ids.to(packed.device), exit_layers)
         probs, top = logits.softmax(-1).topk(top_k, dim=-1)
         for row, i in enumerate(idx):
             n = len(sequences[i])

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import VLLM_DEFAULTS
+from ..vllm import VLLM_DEFAULTS
+from .result import MethodResult
 
 PEER_METHODS = ("vllm", "vllm_ngram", "vllm_kangaroo")
 PEER_LABELS = {"vllm": "vLLM", "vllm_ngram": "vLLM n-gram", "vllm_kangaroo": "vLLM + Kangaroo draft"}
@@ -165,7 +166,7 @@ class VLLMPeer:
         if self._adapter_dir is None:  # the adapter as loaded (or trained) in this process, in the official format
             self._adapter_dir = tempfile.TemporaryDirectory(prefix="kangaroo-vllm-adapter-")
             self.model.adapter.save(self._adapter_dir.name)
-        from . import config
+        from ..vllm import config
 
         s = self.settings  # η, γ and the adapter's reach: this route's own defaults (``VLLM_DEFAULTS``)
         return config(adapter=self._adapter_dir.name, lookup=s.get("lookup", 0), exit_layer=s["exit_layer"])
@@ -213,9 +214,7 @@ class VLLMPeer:
             self._adapter_dir = None
 
 
-def _result(out: dict, seconds: float):
-    from ..benchmark import MethodResult
-
+def _result(out: dict, seconds: float) -> MethodResult:
     tokens = out["tokens"]
     result = MethodResult(tokens, seconds, target_forwards=len(tokens))
     if out["drafted"] is not None:

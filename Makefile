@@ -61,12 +61,12 @@ test-vllm: $(VLLM_STAMP)
 # Microbenchmarks (every backend op, a draft step and a verification step, SmolLM2-135M and Vicuna-7B shapes),
 # then the end-to-end comparison in its quick mode. Results: bench/results/micro-<device>.{json,md} and
 # bench/results/bench-quick-<device>.{json,md,png}, with the batch-size axis (vanilla and Kangaroo at batch 1, 2, 4,
-# 8). bench/report.py runs `kangaroo-fast bench` with its arguments, then adds the commit, the plot and the README
-# block. The full run: `$(PY) -m kangaroo_fast.cli bench`.
+# 8). bench/report.py runs `kangaroo-fast bench` with its arguments, then adds the commit, the plot and the block at
+# the top of docs/measurements.md. The full run: `$(PY) -m kangaroo_fast.cli bench`.
 bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench/test_micro.py --benchmark-columns=median,iqr,min,max,rounds \
 		--benchmark-sort=name
-	$(PY) bench/report.py --readme README.md --quick --batch-sizes 1 2 4 8
+	$(PY) bench/report.py --doc docs/measurements.md --quick --batch-sizes 1 2 4 8
 
 # Kernel tests (compiled on a GPU, interpreted on CPU), the sm_80/sm_90 compile check, the Triton decode against the
 # reference, the graph replay (skipped without CUDA), then the kernel timings (without CUDA: the case plan only).

@@ -1,12 +1,12 @@
 """`make bench`'s end-to-end step: ``kangaroo-fast bench``, then what only a source checkout knows or needs.
 
-    python bench/report.py [--readme README.md] [any `kangaroo-fast bench` argument ...]
+    python bench/report.py [--doc docs/measurements.md] [any `kangaroo-fast bench` argument ...]
 
 Runs the library's benchmark with the other arguments (``kangaroo_fast.cli.run_bench``: results JSON and Markdown),
 then adds the checkout's git commit (and whether tracked code had uncommitted changes) to the JSON's ``machine``,
-draws the speedup plot beside it (``.png``, matplotlib), and with ``--readme`` rewrites that README's benchmark
-block with the run's command, machine, tables and plot. The library itself writes no README and asks no git: an
-installed wheel has neither.
+draws the speedup plot beside it (``.png``, matplotlib), and with ``--doc`` (or ``--readme``) rewrites that markdown
+file's benchmark block (``make bench``: the one in docs/measurements.md) with the run's command, machine, tables
+and plot. The library itself writes no document and asks no git: an installed wheel has neither.
 """
 from __future__ import annotations
 
@@ -18,25 +18,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README_START = "<!-- bench:start: written by `make bench` (bench/report.py --readme), do not edit by hand -->"
+README_START = "<!-- bench:start: written by `make bench` (bench/report.py --doc), do not edit by hand -->"
 README_END = "<!-- bench:end -->"
 
 
 def git_info(root: Path = ROOT) -> dict:
     """``commit``: HEAD of the checkout at ``root``; ``dirty``: whether tracked files differ from it, leaving out
-    what runs write (bench/results, README.md). Both None outside a git checkout or without git."""
+    what runs write (bench/results, README.md, docs/measurements.md). Both None outside a git checkout or without
+    git."""
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=root, timeout=10)
         commit = run("rev-parse", "HEAD").stdout.strip() or None
         dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results",
-                         ":(exclude)README.md").stdout.strip()) if commit else None
+                         ":(exclude)README.md", ":(exclude)docs/measurements.md").stdout.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"commit": commit, "dirty": dirty}
 
 
 def check_readme(readme: Path) -> str:
-    """The README's text; an error unless it has one benchmark block (checked before a long run, not after)."""
+    """The document's text; an error unless it has one benchmark block (checked before a long run, not after)."""
     readme = Path(readme)
     if not readme.is_file():
         raise FileNotFoundError(f"README {str(readme)!r} does not exist")
@@ -103,7 +104,7 @@ def plot_speedups(result: dict, path: Path) -> None:
 
 def complete(paths: dict[str, Path], git: dict, readme: Path | None = None) -> dict[str, Path]:
     """The bench tooling's part of a finished run: ``git`` into the JSON's machine, the plot beside the JSON, and
-    the README block when asked. Returns ``paths`` with the plot's."""
+    the document's block when asked. Returns ``paths`` with the plot's."""
     result = json.loads(Path(paths["json"]).read_text())
     result["machine"].update(git)
     Path(paths["json"]).write_text(json.dumps(result, indent=1) + "\n")
@@ -116,8 +117,8 @@ def complete(paths: dict[str, Path], git: dict, readme: Path | None = None) -> d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="rewrite this README's benchmark block with the run's command, tables and plot")
+    parser.add_argument("--doc", "--readme", dest="readme", type=Path, default=None,
+                        help="rewrite this markdown file's benchmark block with the run's command, tables and plot")
     args, bench_argv = parser.parse_known_args(argv)
 
     from kangaroo_fast import cli

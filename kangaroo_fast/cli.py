@@ -108,7 +108,8 @@ def _check_positive(name: str, value) -> None:
 
 def run_bench(args) -> dict[str, Path]:
     """``kangaroo-fast bench``: run, write the results files, print the tables; the paths written (json, markdown).
-    The checkout's ``bench/report.py`` (``make bench``) calls this too, then adds the commit, plot and README."""
+    The checkout's ``bench/report.py`` (``make bench``) calls this too, then adds the commit, plot and the
+    benchmark block of docs/measurements.md."""
     import kangaroo_fast as kf
     from . import benchmark
 

@@ -26,7 +26,7 @@ Which vLLM 0.32 route, and why (measured on the 2-core CPU, ``bench/results/vllm
   the paged cache make ``draft_model`` steps cheap and this proposer's eager, host-scheduled steps are the cost,
   measure again.
 
-Measured on the report split (README, "vLLM"; ``bench/results/bench-vllm-cpu.md``), one request at a time, vLLM
+Measured on the report split (docs/measurements.md; ``bench/results/bench-vllm-cpu.md``), one request at a time, vLLM
 alone = 1: this route with its defaults (``VLLM_DEFAULTS``) 1.36x, vLLM's n-gram 1.02x; at 4 concurrent requests
 1.00x, at 8 0.74x. On vLLM's CPU build a verified draft costs much of a decoded token, so only few, sure adapter
 drafts pay: the route has its own defaults, chosen on the tune split, not the adapter's (tuned for this project's
@@ -38,7 +38,7 @@ import math
 from pathlib import Path
 
 PROPOSER_MODULE = "kangaroo_fast.vllm.proposer"
-# The defaults of this route, chosen on the prompt set's tune split with vLLM's CPU build (README, "vLLM"): vLLM
+# The defaults of this route, chosen on the prompt set's tune split with vLLM's CPU build (docs/measurements.md): vLLM
 # verifies a draft token for much of a decoded token's cost here, so the adapter drafts only its first few, surer
 # positions (η 0.6, at most 4), while the context lookup may copy up to 10 tokens a step, as vLLM's n-gram does.
 VLLM_DEFAULTS = {"num_speculative_tokens": 10, "threshold": 0.6, "adapter_steps": 4}

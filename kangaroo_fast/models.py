@@ -6,6 +6,7 @@ points the HF module's parameters at row slices of the packed matrices, so only 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -180,6 +181,8 @@ def default_model_dir(progress: bool = True) -> Path:
         del config.quantization_config
     # The GGUF names <|im_start|> as EOS; the chat model ends its turns with <|im_end|> (id 2, as config says).
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    # SmolLM2's BPE tokenizer keeps its spaces: transformers ignores cleanup for it, and warns at each decode if asked
+    tokenizer.clean_up_tokenization_spaces = False
     tmp = target.with_name(target.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -229,6 +232,24 @@ def _weight_files(path: Path) -> str:
         or "no weight files"
 
 
+@contextlib.contextmanager
+def quiet_hf_loading(errors_only: bool = False):
+    """transformers' progress bars off while a model loads (its "Loading weights" bar at every load), and with
+    ``errors_only`` its warnings too (a load that leaves weights out on purpose); both restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    if errors_only:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf(model=None, dtype=None, device=None):
     """Return (hf_model, tokenizer or None) in eval mode on ``device`` in ``dtype``.
 
@@ -243,7 +264,8 @@ def load_hf(model=None, dtype=None, device=None):
         device = torch.device(device or "cpu")
         dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype)
+            with quiet_hf_loading():
+                hf_model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype)
         except pickle.UnpicklingError:
             raise ValueError(f"the weights of {str(path)!r} ({_weight_files(path)}) were refused: they hold more "
                              "than tensors, and loading them would run their code") from None
@@ -252,7 +274,9 @@ def load_hf(model=None, dtype=None, device=None):
                              f"{str(err).splitlines()[0]}") from None
         hf_model = hf_model.to(device)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            # the embedded model's conversions before this setting was saved asked for cleanup (see default_model_dir)
+            extra = {"clean_up_tokenization_spaces": False} if model is None else {}
+            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         except (OSError, ValueError):
             tokenizer = None
     elif isinstance(model, PreTrainedModel):

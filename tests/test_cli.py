@@ -42,3 +42,27 @@ def test_missing_model_path_is_an_error(tmp_path, capsys):
     code = cli.main(["generate", "Hello", "--model", str(tmp_path / "absent")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_prints_only_its_own_lines(default_model, tmp_path):
+    """stdout is the answer and stderr the statistics line alone: no transformers load bar, and no tokenizer
+    warning, even from a converted model whose tokenizer config still asks for cleanup (conversions made before the
+    embedded model's tokenizer was saved without it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from kangaroo_fast.models import DEFAULT_MODEL_NAME, default_model_dir
+
+    cache = tmp_path / "kangaroo_fast" / DEFAULT_MODEL_NAME
+    shutil.copytree(default_model_dir(), cache)
+    config = json.loads((cache / "tokenizer_config.json").read_text())
+    (cache / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "kangaroo_fast.cli", "generate", "Say hi.", "--max-new-tokens", "6",
+                          "--dtype", "float32"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip()
+    assert [line for line in run.stderr.splitlines() if line.strip()] == [
+        next(line for line in run.stderr.splitlines() if line.startswith("[kangaroo | float32 on cpu]"))]

@@ -42,7 +42,7 @@ from ..config import DecodeSettings, ModelConfig
 from ..drafting import AdapterDrafter, ContextLookup, Drafter, FirstOf
 from ..engine import Engine, RoundDrafts
 from ..lookup import NgramLookup
-from ..models import model_eos_ids, pack_model
+from ..models import model_eos_ids, pack_model, quiet_hf_loading
 
 CLASS_PREFIX = "Kangaroo_"
 PROFILE_ENV = "KANGAROO_VLLM_PROFILE"  # every this many calls, the proposer prints where its time went (stderr)
@@ -113,14 +113,8 @@ def load_shallow(path: str | Path, exit_layer: int, dtype: torch.dtype, device: 
     overrides = {"num_hidden_layers": exit_layer}
     if getattr(hf_config, "layer_types", None):
         overrides["layer_types"] = list(hf_config.layer_types[:exit_layer])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the deeper layers' weights are left out on purpose: no load report
-    try:
+    with quiet_hf_loading(errors_only=True):  # the deeper layers' weights are left out on purpose: no load report
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides).to(device).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
     packed = pack_model(hf_model, max_positions)
     packed.config = full
     return packed, model_eos_ids(hf_model)

@@ -1,6 +1,7 @@
 """The public face: ``load`` a model with its adapter, ``generate`` from it."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,6 +14,7 @@ from .config import DecodeSettings, is_int
 from .drafting import make_drafter, require_adapter
 from .engine import Engine, GenerationStats
 from .models import load_hf, model_eos_ids, pack_model
+from .step_cache import StepCache
 
 DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
 DEFAULT_MAX_CACHE_LEN = 4096
@@ -29,7 +31,7 @@ class KangarooModel:
     """A packed base model, its tokenizer, an optional adapter, and the engine that decodes with them."""
 
     def __init__(self, hf_model, tokenizer=None, adapter: Adapter | None = None, backend: str | None = None,
-                 max_cache_len: int | None = None, graphs: bool | str | None = None):
+                 max_cache_len: int | None = None, graphs: bool | str | None = None, step_cache=False):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.packed = pack_model(hf_model)
@@ -46,7 +48,8 @@ class KangarooModel:
         self.adapter = adapter
         ops = resolve_backend(backend, self.packed.device, self.packed.dtype)
         self.engine = Engine(self.packed, ops, max_cache_len, adapter,
-                             adapter.config.max_draft_steps if adapter is not None else 6, graphs=graphs)
+                             adapter.config.max_draft_steps if adapter is not None else 6, graphs=graphs,
+                             step_cache=resolve_step_cache(step_cache))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,7 +240,7 @@ _DEFAULT: dict = {}
 
 
 def load(model=None, adapter=None, dtype=None, device=None, backend: str | None = None,
-         max_cache_len: int | None = None, graphs: bool | str | None = None) -> KangarooModel:
+         max_cache_len: int | None = None, graphs: bool | str | None = None, step_cache=None) -> KangarooModel:
     """Load a base model and its adapter.
 
     model: a local HF directory, a loaded ``PreTrainedModel``, or None for the embedded SmolLM2-135M-Instruct.
@@ -255,6 +258,9 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
     by Inductor, packed for the eager calls; about 0.5 GB each for SmolLM2-135M).
     graphs: the decode steps as CUDA graphs; None (default) uses them with the triton backend on CUDA (and compiled
     steps with the inductor backend), False turns them off, True insists on them (see ``Engine``).
+    step_cache: where compiled CPU steps are kept for later processes (AOTInductor packages, ``packaged.py``): None
+    (default) keeps them in ``<cache dir>/steps`` for a model loaded from a path (or the embedded one) and not for a
+    model object (``KANGAROO_FAST_STEP_CACHE=0`` turns that default off); True, False, or a folder.
     """
     hf_model, tokenizer = load_hf(model, dtype, _resolve_device(device))
     if adapter is None and model is None:
@@ -264,7 +270,24 @@ def load(model=None, adapter=None, dtype=None, device=None, backend: str | None 
         adapter = Adapter.load(adapter, ModelConfig.from_hf(hf_model.config))
     elif adapter is not None and not isinstance(adapter, Adapter):
         raise TypeError(f"adapter must be a path or an Adapter, not {type(adapter).__name__}")
-    return KangarooModel(hf_model, tokenizer, adapter, backend=backend, max_cache_len=max_cache_len, graphs=graphs)
+    if step_cache is None:
+        step_cache = (model is None or isinstance(model, (str, os.PathLike))) and \
+            os.environ.get("KANGAROO_FAST_STEP_CACHE", "1") != "0"
+    return KangarooModel(hf_model, tokenizer, adapter, backend=backend, max_cache_len=max_cache_len, graphs=graphs,
+                         step_cache=step_cache)
+
+
+def resolve_step_cache(step_cache) -> StepCache | None:
+    """A ``StepCache`` from True (the default folder), a folder, or a ``StepCache``; None for False."""
+    if step_cache is False or step_cache is None:
+        return None
+    if step_cache is True:
+        return StepCache()
+    if isinstance(step_cache, StepCache):
+        return step_cache
+    if isinstance(step_cache, (str, os.PathLike)):
+        return StepCache(step_cache)
+    raise TypeError(f"step_cache must be a bool, a folder or a StepCache, not {type(step_cache).__name__}")
 
 
 def generate(prompt, model: KangarooModel | None = None, adapter=None,

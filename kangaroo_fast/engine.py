@@ -112,18 +112,22 @@ class Engine:
     """Kangaroo decoding over packed weights, a static cache and one backend."""
 
     def __init__(self, packed: PackedModel, backend, max_len: int, adapter: Adapter | None = None,
-                 max_draft_steps: int = 6, graphs: bool | str | None = None):
+                 max_draft_steps: int = 6, graphs: bool | str | None = None, step_cache=None):
         """``backend``: a backend object, its name, or None for the device's default (triton on CUDA).
 
         ``graphs``: decode steps replayed as CUDA graphs or compiled (``graphs.py``). None: CUDA graphs where the
         backend is triton on a CUDA device, compiled steps where it is inductor; True: CUDA graphs (an error
         elsewhere); ``"compile"``: compiled steps (the inductor backend only); False: off (the inductor backend
         then runs its ops eagerly: the reference the compiled steps are tested against); ``"eager"``: the CUDA
-        graph loop without capturing (runs anywhere; how the tests check that loop on CPU)."""
+        graph loop without capturing (runs anywhere; how the tests check that loop on CPU).
+
+        ``step_cache``: a ``step_cache.StepCache`` where compiled steps are kept as AOTInductor packages for later
+        processes (``packaged.py``), or None (compiled in this process only)."""
         self.w = packed
         self.cfg = packed.config
         self.ops = resolve_backend(backend, packed.device, packed.dtype)
         self.graph_mode = graph_mode(self.ops, packed.device, graphs)
+        self.step_cache = step_cache if self.graph_mode == "compile" else None
         dtype, device = packed.dtype, packed.device
         if max_len > packed.rope_cos.shape[0]:
             raise ValueError(f"max_len={max_len} exceeds the RoPE table ({packed.rope_cos.shape[0]} positions)")

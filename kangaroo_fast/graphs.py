@@ -328,7 +328,13 @@ class DecodeSteps:
             name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
                                                                           else "")
             weights = self.engine.weights.for_rows(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0]
-            self.graphs[key] = CompiledStep(step, dynamic, name, weights.lm_head.dtype)
+            if self.engine.step_cache is None:
+                self.graphs[key] = CompiledStep(step, dynamic, name, weights.lm_head.dtype)
+            else:  # an AOTInductor package, from the step cache where a process made it before
+                from .packaged import PackagedStep
+
+                self.graphs[key] = PackagedStep(self.engine, step, key, name, dynamic, weights.lm_head.dtype,
+                                                self.engine.step_cache)
         return self.graphs[key](**inputs)
 
     def shallow(self, tokens: torch.Tensor, pos: list[int], stop: int, adapter: bool):

@@ -104,6 +104,11 @@ class EngineWeights:
             wide = (FrozenWeights.of(wide[0]), None if wide[1] is None else FrozenWeights(**vars(wide[1])))
         return cls(FrozenWeights.of(packed), None if a is None else FrozenWeights(**vars(a)), wide)
 
+    def frozen(self) -> list[FrozenWeights]:
+        """The frozen modules among these weights (compiled steps' weights), model first."""
+        wide = list(self.wide) if self.wide is not None else []
+        return [w for w in (self.model, self.adapter, *wide) if isinstance(w, FrozenWeights)]
+
     def for_rows(self, several_rows: bool) -> tuple:
         """(model weights, adapter weights): the widened copies for products of several rows, else the model's
         own."""

@@ -13,6 +13,9 @@ import torch
 # compiled kernels on a GPU machine.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Models loaded from a path keep their compiled steps in the user's cache by default; the tests leave that cache
+# alone (tests/test_packaged.py names a folder of its own).
+os.environ.setdefault("KANGAROO_FAST_STEP_CACHE", "0")
 
 import kangaroo_fast
 from kangaroo_fast import Adapter, AdapterConfig, ModelConfig

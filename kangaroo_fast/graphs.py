@@ -333,8 +333,10 @@ class DecodeSteps:
             else:  # an AOTInductor package, from the step cache where a process made it before
                 from .packaged import PackagedStep
 
-                self.graphs[key] = PackagedStep(self.engine, step, key, name, dynamic, weights.lm_head.dtype,
-                                                self.engine.step_cache)
+                products = weights.lm_head.dtype
+                in_process = lambda: CompiledStep(step, dynamic, name, products)  # noqa: E731
+                self.graphs[key] = PackagedStep(self.engine, step, key, name, compile_options(products)["freezing"],
+                                                in_process, self.engine.step_cache)
         return self.graphs[key](**inputs)
 
     def shallow(self, tokens: torch.Tensor, pos: list[int], stop: int, adapter: bool):

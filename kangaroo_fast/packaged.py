@@ -13,7 +13,9 @@ kind as one ``CompiledStep`` does. A package that cannot be built here (an op ex
 """
 from __future__ import annotations
 
+import os
 import sys
+from typing import Callable
 
 import torch
 from torch import nn
@@ -73,15 +75,12 @@ class PackagedStep:
     """One kind of step as an AOTInductor package: loaded from the step cache, or exported, compiled and stored on
     its first call; the call of ``CompiledStep`` (keyword tensors, ``position`` and ``end`` where it has them)."""
 
-    def __init__(self, engine, fn, key: tuple, name: str, dynamic: list[str], products: torch.dtype,
+    def __init__(self, engine, fn, key: tuple, name: str, freezing: bool, in_process: Callable[[], Callable],
                  cache: step_cache.StepCache):
-        """As ``CompiledStep(fn, dynamic, name, products)``, which serves where a package cannot; ``key`` is the
-        step's key in ``DecodeSteps``."""
-        from .graphs import compile_options
-
+        """``key``: the step's key in ``DecodeSteps``; ``freezing``: as the in-process compile's; ``in_process()``
+        makes that compiled step (``CompiledStep``), which serves where a package cannot."""
         self.engine, self.fn, self.key, self.name, self.cache = engine, fn, key, name, cache
-        self.dynamic, self.products = dynamic, products
-        self.freezing = compile_options(products)["freezing"]
+        self.freezing, self.in_process = freezing, in_process
         self.loader = self.out_spec = None
         self.fallback = None  # the step compiled in this process (``CompiledStep``), where a package cannot serve
         self.failed = False  # no package could be made here: every call runs the fallback
@@ -116,31 +115,32 @@ class PackagedStep:
         return tuple(pytree.tree_unflatten(self.loader.boxed_run(flat), self.out_spec))
 
     def _fallback(self, inputs: dict, end: int | None):
-        from .graphs import CompiledStep
-
         if self.fallback is None:
-            self.fallback = CompiledStep(self.fn, self.dynamic, self.name, self.products)
+            self.fallback = self.in_process()
         self.replays += 1
         return self.fallback(**inputs, **({} if end is None else {"end": end}))
 
     def _prepare(self, names: list[str], inputs: dict, end: int | None) -> None:
+        """Load the package, or make it first (under the key's lock); ``failed`` where it cannot be made."""
         key, name = self.entry()
-        loader = self.cache.load(key, name, lambda path: torch._inductor.aoti_load_package(str(path)).loader)
-        if loader is None:
-            try:
-                self.cache.store(key, name, lambda path: self._build(path, names, inputs, end), suffix=".pt2")
-            except Exception as err:  # noqa: BLE001 - export refusing an op: compile in-process instead
-                detail = str(err).splitlines()[0][:200] if str(err) else ""
-                print(f"kangaroo_fast: the {self.name} step could not be packaged ({type(err).__name__}: {detail}); "
-                      "compiling it in this process", file=sys.stderr, flush=True)
-                self.failed = True
-                return
-            self.built = True
-            loader = self.cache.load(key, name, lambda path: torch._inductor.aoti_load_package(str(path)).loader)
+        load = lambda path: torch._inductor.aoti_load_package(str(path)).loader  # noqa: E731
+        with self.cache.locked(key):
+            loader = self.cache.load(key, name, load)
             if loader is None:
-                raise RuntimeError(f"the {self.name} step's package was stored but does not load")
-        else:
-            self.loaded = True
+                try:
+                    self.cache.store(key, name, lambda path: self._build(path, names, inputs, end), suffix=".pt2")
+                except Exception as err:  # noqa: BLE001 - export refusing an op: compile in the process instead
+                    detail = str(err).splitlines()[0][:200] if str(err) else ""
+                    print(f"kangaroo_fast: the {self.name} step could not be packaged ({type(err).__name__}: "
+                          f"{detail}); compiling it in this process", file=sys.stderr, flush=True)
+                    self.failed = True
+                    return
+                self.built = True
+                loader = self.cache.load(key, name, load)
+                if loader is None:
+                    raise RuntimeError(f"the {self.name} step's package was stored but does not load")
+            else:
+                self.loaded = True
         self.loader = loader
         self.out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
 
@@ -148,6 +148,7 @@ class PackagedStep:
         """Export the step on these example inputs and compile its package to ``path``."""
         print(f"kangaroo_fast: compiling the {self.name} step into a package (a minute or two, once for this "
               f"model on this machine; kept in {self.cache.root})", file=sys.stderr, flush=True)
+        _setuptools_beside_distutils()
         e, positional = self.engine, end is not None
         module = StepModule(e, self.fn, names, positional).eval()
         keys = [k for cache in e._caches() for k, _v in cache._views]
@@ -179,3 +180,11 @@ class PackagedStep:
         cache_dims = [{0: batch} if batch is not None else None for _ in keys]
         marker = {0: end} if "position" in inputs else None
         return ([dims(n, inputs[n]) for n in names], marker, cache_dims, list(cache_dims))
+
+
+def _setuptools_beside_distutils() -> None:
+    """Let the package's C++ build import setuptools where the standard library's distutils is already imported
+    (Python up to 3.11): setuptools would otherwise replace it and fail its own check (``_distutils_hack``)."""
+    loaded = sys.modules.get("distutils")
+    if loaded is not None and "_distutils" not in (getattr(loaded, "__file__", None) or ""):
+        os.environ["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"

@@ -11,6 +11,8 @@ is removed and built again, with one line on stderr saying so: never a crash, ne
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -164,8 +166,22 @@ class StepCache:
         """Remove ``name``'s files other than ``keep`` that no writer can still be publishing."""
         now = time.time()
         for other in folder.glob(f"{name}.*"):
-            if other != keep and other.suffix != ".json" and now - other.stat().st_mtime > self.STALE_S:
+            if other != keep and other.suffix not in (".json", ".lock") and now - other.stat().st_mtime > self.STALE_S:
                 other.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self, key: str):
+        """Hold ``key``'s lock (an exclusive ``flock`` on ``<key>/.lock``) while loading or making its entries: a
+        second process waits for the first's package instead of compiling it again, and no two processes unpack one
+        package at once (AOTInductor unpacks it into a folder named after it)."""
+        folder = self.root / key
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def remove(self, key: str, name: str) -> None:
         path = self.path(key, name)

@@ -183,8 +183,9 @@ class PackagedStep:
 
 
 def _setuptools_beside_distutils() -> None:
-    """Let the package's C++ build import setuptools where the standard library's distutils is already imported
-    (Python up to 3.11): setuptools would otherwise replace it and fail its own check (``_distutils_hack``)."""
-    loaded = sys.modules.get("distutils")
-    if loaded is not None and "_distutils" not in (getattr(loaded, "__file__", None) or ""):
-        os.environ["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"
+    """Let the package's C++ build import setuptools (``torch.utils.cpp_extension`` does) in a process where the
+    standard library's distutils came first (Python up to 3.11): setuptools would replace it and fail its own check
+    (``_distutils_hack``: seen inside the test suite's workers). With setuptools not yet imported, its own distutils
+    is left out; where it is imported already, nothing changes."""
+    if sys.version_info < (3, 12) and "setuptools" not in sys.modules:
+        os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")

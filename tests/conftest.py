@@ -5,6 +5,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import setuptools  # noqa: F401  (before any import of distutils: Inductor's C++ builds import setuptools later)
 import torch
 
 # Without a GPU the Triton kernels run in triton's CPU interpreter; the variable must be set before any kernel is

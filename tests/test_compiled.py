@@ -133,6 +133,37 @@ def test_one_sequence_attention_equals_the_reference(dtype, hq, hkv, t, start, d
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,t,starts,d", [(6, 2, 1, (0, 7, 3), 8), (9, 3, 3, (30, 1, 122, 5), 5),
+                                               (4, 4, 2, (5, 5), 16), (3, 1, 7, (0, 11), 7)])
+def test_batch_attention_equals_the_reference(dtype, hq, hkv, t, starts, d):
+    """A batch's attention at per-row starts (over half-precision caches: grouped float32 products, a mask per row)
+    equals the reference's per-sequence attention, within the dtype's tolerance, and each row equals that row alone;
+    float32 caches take the reference's call itself (bit for bit). A row whose queries run past the cache's end
+    stays finite, as the reference's."""
+    g = torch.Generator().manual_seed(hq * 1000 + t * 10 + sum(starts))
+    bsz, end = len(starts), max(starts) + t
+    s_max = end + 3
+    q = torch.randn(bsz, hq, t, d, generator=g).to(dtype)
+    k_cache, v_cache = (torch.randn(bsz, hkv, s_max, d, generator=g).to(dtype) for _ in range(2))
+    start = torch.tensor(starts)
+    ref = TorchBackend.attention(q, k_cache, v_cache, start, None, end)
+    out = InductorBackend.attention(q, k_cache, v_cache, start, None, end)
+    assert out.dtype == dtype and out.shape == ref.shape == (bsz, t, hq * d)
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+        return
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    for b, s in enumerate(starts):  # a row is the one-sequence attention of that row over its own keys
+        alone = InductorBackend.attention(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], start[b:b + 1], None,
+                                          s + t)
+        torch.testing.assert_close(out[b:b + 1], alone, atol=atol, rtol=rtol)
+    clipped = InductorBackend.attention(q, k_cache[:, :, :end - 1], v_cache[:, :, :end - 1], start, None, end - 1)
+    assert torch.isfinite(clipped).all()
+
+
 def test_compile_mode_needs_the_inductor_backend():
     model = tiny_model("llama", 12)
     with pytest.raises(ValueError, match="graphs='compile' needs the inductor backend, not the torch backend"):
@@ -215,8 +246,9 @@ class _HalfCaches(InductorBackend):
 
 
 def test_compiled_steps_over_bf16_caches():
-    """The compiled steps with their attention over bf16 caches (grouped float32 products: the unit test above):
-    Kangaroo emits the compiled vanilla decode, one sequence and a batch's first row alike."""
+    """The compiled steps with their attention over bf16 caches (grouped float32 products: the unit tests above):
+    Kangaroo emits the compiled vanilla decode, of one sequence and of a batch (its rows round as a batch's do, which
+    in bf16 may part from one sequence's)."""
     from kangaroo_fast.config import DecodeSettings
 
     model = tiny_model("llama", 14, num_hidden_layers=3).to(torch.bfloat16)
@@ -229,9 +261,11 @@ def test_compiled_steps_over_bf16_caches():
     vanilla, _ = engine.generate(prompt, settings, set(), speculate=False)
     spec, stats = engine.generate(prompt, settings, set())
     assert stats.draft_steps > 0 and spec == vanilla
-    batch = km.generate([prompt, random_prompt(model.config.vocab_size, 6, 5)], max_new_tokens=12, eos_token_id=[],
-                        threshold=0.0, max_draft_steps=3, exit_layer=2)
-    assert batch[0].tokens == vanilla
+    prompts = [prompt, random_prompt(model.config.vocab_size, 6, 5)]
+    kwargs = dict(max_new_tokens=12, eos_token_id=[], threshold=0.0, max_draft_steps=3, exit_layer=2)
+    batch = km.generate(prompts, **kwargs)
+    assert [o.tokens for o in batch] == [o.tokens for o in km.generate(prompts, speculate=False, **kwargs)]
+    assert sum(o.stats.draft_steps for o in batch) > 0
 
 
 def test_compiled_bf16_without_bf16_products(monkeypatch):

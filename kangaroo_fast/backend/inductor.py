@@ -48,6 +48,9 @@ class InductorBackend(OneDNNBackend):
     # a bf16 model's products of several rows on FBGEMM's float16 weights (``fbgemm``): None decides by this machine
     # (``fbgemm.fp16_products``); a subclass may force it either way (the tests do)
     fp16: bool | None = None
+    # a batch's attention over bf16/float16 caches as grouped float32 products with a per-row mask (as one sequence's
+    # is); False: the reference's SDPA call (a subclass may turn it off: bench/batch_scaling.py's A/B)
+    grouped_batches: bool = True
 
     def __init__(self):
         if not cpp_compiler_available():
@@ -108,19 +111,26 @@ class InductorBackend(OneDNNBackend):
         k_cache.index_put_((rows, heads, positions[:, None, :]), k)
         v_cache.index_put_((rows, heads, positions[:, None, :]), v)
 
-    @staticmethod
-    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor,
+    @classmethod
+    def attention(cls, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor,
                   sliding_window: int | None = None, end: int | None = None) -> torch.Tensor:
         bsz, hq, t, d = q.shape
-        if isinstance(start, int) or end is None or bsz > 1 or (sliding_window is not None and end > sliding_window):
+        half = k_cache.dtype in (torch.bfloat16, torch.float16)
+        if isinstance(start, int) or end is None or (bsz > 1 and not (half and cls.grouped_batches)) or \
+                (sliding_window is not None and end > sliding_window):
             return TorchBackend.attention(q, k_cache, v_cache, start, sliding_window, end)
+        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        if bsz > 1:  # each row at its own offset, as the reference's mask; padding queries past the cache see all
+            q_pos = (start[:, None] + torch.arange(t, device=q.device)).clamp(max=end - 1)
+            mask = torch.arange(end, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, T, end]
+            out = _grouped_float32_attention(q, k, v, mask, d ** -0.5)
+            return out.to(q.dtype).transpose(1, 2).reshape(bsz, t, hq * d)
         # one sequence at a tensor position: the reference's int-start maths (end = start + T)
         mask = None
         if t > 1:
             q_pos = start + torch.arange(t, device=q.device)
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]
-        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        if k.dtype in (torch.bfloat16, torch.float16):
+        if half:
             out = _grouped_float32_attention(q, k, v, mask, d ** -0.5)
         else:
             out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=d ** -0.5,
@@ -130,15 +140,17 @@ class InductorBackend(OneDNNBackend):
 
 def _grouped_float32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                                scale: float) -> torch.Tensor:
-    """Attention of one sequence's queries q [1, Hq, T, D] over half-precision keys and values [1, Hkv, S, D] as
-    two float32 products per KV head with a float32 softmax between them: each KV head's query group stacked into
-    one [G * T, D] block (no copy of the keys per query head). Returns [1, Hq, T, D] in float32."""
+    """Attention of queries q [B, Hq, T, D] over half-precision keys and values [B, Hkv, S, D] as two float32
+    products per KV head with a float32 softmax between them: each KV head's query group stacked into one [G * T, D]
+    block (no copy of the keys per query head). ``mask``: None, [T, S] for every row, or [B, T, S] per row (True:
+    attended). Returns [B, Hq, T, D] in float32."""
     bsz, hq, t, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     qg = q.float().reshape(bsz, hkv, group * t, d)
     scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
-    if mask is not None:  # [T, S]: the same for every query head of a group
+    if mask is not None:  # the same for every query head of a group
+        mask = mask[:, None, None] if mask.dim() == 3 else mask
         scores = scores.view(bsz, hkv, group, t, -1).masked_fill(~mask, float("-inf")).flatten(2, 3)
     out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
     return out.view(bsz, hq, t, d)

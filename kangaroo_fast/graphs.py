@@ -14,17 +14,18 @@ tokens, layers):
     deep     states [B, T, H], position [B]   -> deep states [B, T, H]     (layers first..L-1; for sampling)
 
 Mode "compile" (the inductor backend on CPU) runs each step as one ``torch.compile``d function (``CompiledStep``):
-Inductor fuses the small ops of a layer into C++ loops. Positions come in as a [B] tensor and the keys' bound
-``end`` as an int; batch, T and ``end`` are symbolic, so a kind of step compiles at most four times (batch of one or
-more, T of one or more). Where this CPU has oneDNN's bf16 products (AVX512-BF16, AMX), freezing folds the weights in
-as constants packed for them; the weights are read through ``weights.FrozenWeights`` modules (freezing folds only module
-parameters). Packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, and freezing turns
-the AOT graph cache off, so there each process compiles again (about half a minute per kind of step for
-SmolLM2-135M on two cores). On a CPU without them (AVX2) a bf16 model's steps have nothing to pack: one-row
-products read the bf16 weights, those of several rows (verification of several tokens, batches) FBGEMM's float16
-copies through a registered op (``backend/fbgemm.py``); they compile without freezing, and both on-disk caches serve
-them to a second process (``compile_options``). Only where FBGEMM is missing too do the steps of several rows read
-float32 copies of the weights (``weights.EngineWeights``), frozen and packed for oneDNN.
+Inductor fuses the small ops of a layer into C++ loops. Positions come in as a [B] tensor and the keys' bound ``end`` as
+an int; batch, T and ``end`` are symbolic, so a kind of step compiles at most four times (batch of one or more, T of one
+or more). Where this CPU has oneDNN's bf16 products (AVX512-BF16, AMX), freezing folds the weights in as constants
+packed for them; the weights are read through ``weights.FrozenWeights`` modules (freezing folds only module parameters).
+Packed weights are oneDNN tensors, which Inductor's graph cache refuses to store, and freezing turns the AOT graph cache
+off, so there a ``CompiledStep`` compiles again in each process (about half a minute per kind of step for SmolLM2-135M
+on two cores); with the engine's step cache each kind is a ``packaged.PackagedStep`` instead, an AOTInductor package a
+later process loads. On a CPU without them (AVX2) a bf16 model's steps have nothing to pack: one-row products read the
+bf16 weights, those of several rows (verification of several tokens, batches) FBGEMM's float16 copies through a
+registered op (``backend/fbgemm.py``); they compile without freezing, and both on-disk caches serve them to a second
+process (``compile_options``). Only where FBGEMM is missing too do the steps of several rows read float32 copies of the
+weights (``weights.EngineWeights``), frozen and packed for oneDNN.
 
 ``DecodeSteps(engine, mode)``: mode "plain" calls the step functions directly (positions as the engine's starts:
 a plain int for one sequence); "eager" and "cuda" keep the static-buffer discipline of CUDA graphs, inputs copied
@@ -327,13 +328,12 @@ class DecodeSteps:
                     "verify": "verification", "deep": "deep layers"}
             name = what[key[0]] + (" for batches" if bsz > 1 else "") + (" of several tokens" if key[2:3] == ("T>1",)
                                                                           else "")
-            weights = self.engine.weights.for_rows(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0]
+            products = self.engine.weights.for_rows(several_rows=bsz > 1 or key[2:3] == ("T>1",))[0].lm_head.dtype
             if self.engine.step_cache is None:
-                self.graphs[key] = CompiledStep(step, dynamic, name, weights.lm_head.dtype)
+                self.graphs[key] = CompiledStep(step, dynamic, name, products)
             else:  # an AOTInductor package, from the step cache where a process made it before
                 from .packaged import PackagedStep
 
-                products = weights.lm_head.dtype
                 in_process = lambda: CompiledStep(step, dynamic, name, products)  # noqa: E731
                 self.graphs[key] = PackagedStep(self.engine, step, key, name, compile_options(products)["freezing"],
                                                 in_process, self.engine.step_cache)

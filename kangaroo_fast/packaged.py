@@ -71,6 +71,13 @@ class StepModule(nn.Module):
                 cache._views = views
 
 
+def cache_views(engine) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The per-layer key and value views of the engine's caches (the model's layers, then the adapter's), the
+    order ``StepModule.forward`` takes them in."""
+    views = [view for cache in engine._caches() for view in cache._views]
+    return [k for k, _v in views], [v for _k, v in views]
+
+
 class PackagedStep:
     """One kind of step as an AOTInductor package: loaded from the step cache, or exported, compiled and stored on
     its first call; the call of ``CompiledStep`` (keyword tensors, ``position`` and ``end`` where it has them)."""
@@ -106,11 +113,8 @@ class PackagedStep:
             self._prepare(names, inputs, end)
             if self.failed:
                 return self._fallback(inputs, end)
-        flat = [inputs[n] for n in names] + [self.marker[:end if end is not None else 2]]
-        for cache in self.engine._caches():
-            flat += [k for k, _v in cache._views]
-        for cache in self.engine._caches():
-            flat += [v for _k, v in cache._views]
+        keys, values = cache_views(self.engine)
+        flat = [inputs[n] for n in names] + [self.marker[:end if end is not None else 2]] + keys + values
         self.replays += 1
         return tuple(pytree.tree_unflatten(self.loader.boxed_run(flat), self.out_spec))
 
@@ -151,25 +155,26 @@ class PackagedStep:
         _setuptools_beside_distutils()
         e, positional = self.engine, end is not None
         module = StepModule(e, self.fn, names, positional).eval()
-        keys = [k for cache in e._caches() for k, _v in cache._views]
-        values = [v for cache in e._caches() for _k, v in cache._views]
+        keys, values = cache_views(e)
         marker = self.marker[:end if positional else 2]
         example = ([inputs[n] for n in names], marker, keys, values)
         with torch.no_grad():  # freezing applies only without autograd
-            program = torch.export.export(module, example, dynamic_shapes=self._shapes(names, inputs, keys),
+            program = torch.export.export(module, example, dynamic_shapes=self._shapes(names, "position" in inputs,
+                                                                                       len(keys)),
                                           prefer_deferred_runtime_asserts_over_guards=True)
             torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                      inductor_configs={"freezing": self.freezing})
 
-    def _shapes(self, names: list[str], inputs: dict, keys: list[torch.Tensor]):
-        """``torch.export`` dynamic shapes of (inputs, marker, keys, values) for this step's variant."""
+    def _shapes(self, names: list[str], positional: bool, views: int):
+        """``torch.export`` dynamic shapes of (inputs, marker, keys, values) for this step's variant, with ``views``
+        cache views on each side."""
         from torch.export import Dim
 
         batch = Dim("batch", min=2, max=MAX_BATCH) if self.key[1] != 1 else None
         tokens = Dim("tokens", min=2, max=self.engine.max_len - 1) if self.key[2:3] == ("T>1",) else None
         end = Dim("end", min=2, max=self.engine.max_len - 1)
 
-        def dims(name: str, tensor: torch.Tensor):
+        def dims(name: str):
             shape = {}
             if batch is not None:
                 shape[0] = batch
@@ -177,9 +182,8 @@ class PackagedStep:
                 shape[1] = tokens
             return shape or None
 
-        cache_dims = [{0: batch} if batch is not None else None for _ in keys]
-        marker = {0: end} if "position" in inputs else None
-        return ([dims(n, inputs[n]) for n in names], marker, cache_dims, list(cache_dims))
+        cache_dims = [{0: batch} if batch is not None else None for _ in range(views)]
+        return ([dims(n) for n in names], {0: end} if positional else None, cache_dims, list(cache_dims))
 
 
 def _setuptools_beside_distutils() -> None:

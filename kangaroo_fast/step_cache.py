@@ -1,18 +1,19 @@
 """The on-disk cache of compiled decode steps, so that a later process loads its steps instead of compiling them.
 
-An entry is one file under ``<cache_dir()>/steps/<key>/``, named by its content's BLAKE2b digest, and a manifest
-beside it (``<name>.json``) that names it and gives its size. The key covers everything that changes the compiled code or the weights folded into it: the
-step's own description (kind, batch and length variants, exit layer), the model's and the adapter's tensors (their
-digest, not their names), the dtypes, the torch version, this CPU's instruction-set flags, torch's thread count
-and the package's step code (the source files a step is traced from). Writes are atomic (a temporary file in the
-same folder, then ``os.replace``), so two processes filling the same entry at once both end with a whole entry, and
-a reader never sees a half-written one. An entry whose file is missing, truncated, altered or refused by its loader
-is removed and built again, with one line on stderr saying so: never a crash, never a wrong step.
+An entry is one file under ``<cache_dir()>/steps/<key>/``, named by its content's BLAKE2b digest, and a manifest beside
+it (``<name>.json``) that names it and gives its size. The key covers everything that changes the compiled code or the
+weights folded into it: the step's own description (kind, batch and length variants, exit layer), the model's and the
+adapter's tensors (their digest, not their names), the dtypes, the torch version, this CPU's instruction-set flags,
+torch's thread count and the package's step code (the source files a step is traced from). Writes are atomic (a
+temporary file in the same folder, then ``os.replace``), so two processes filling the same entry at once both end with a
+whole entry, and a reader never sees a half-written one. An entry whose file is missing, truncated, altered or refused
+by its loader is removed and built again, with one line on stderr saying so: never a crash, never a wrong step.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -29,23 +30,23 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_v
              "amx_bf16", "amx_int8")
 # the package's files a compiled step is traced from, relative to the package folder
 STEP_SOURCES = ("engine.py", "graphs.py", "packaged.py", "weights.py", "adapter.py", "cache.py", "models.py",
-                "step_cache.py",
-                "backend/__init__.py", "backend/cpu.py", "backend/torch_ref.py", "backend/onednn.py",
+                "step_cache.py", "backend/__init__.py", "backend/cpu.py", "backend/torch_ref.py", "backend/onednn.py",
                 "backend/fbgemm.py", "backend/inductor.py")
 PACKAGE = Path(__file__).resolve().parent
 _CHUNK = 1 << 24
 
 
-def cpu_flags() -> list[str]:
-    """This CPU's flags among ``ISA_FLAGS`` (from /proc/cpuinfo; empty where it cannot be read)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> tuple[str, ...]:
+    """This CPU's flags among ``ISA_FLAGS`` (from /proc/cpuinfo, read once; empty where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 present = set(line.split(":", 1)[1].split())
-                return [flag for flag in ISA_FLAGS if flag in present]
+                return tuple(flag for flag in ISA_FLAGS if flag in present)
     except OSError:
         pass
-    return []
+    return ()
 
 
 def tensor_digest(tensors: Iterable[torch.Tensor | None]) -> str:
@@ -61,8 +62,10 @@ def tensor_digest(tensors: Iterable[torch.Tensor | None]) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def code_digest() -> str:
-    """BLAKE2b of the package's step sources (``STEP_SOURCES``): a changed engine compiles its steps anew."""
+    """BLAKE2b of the package's step sources (``STEP_SOURCES``), read once per process (the code it runs): a changed
+    engine compiles its steps anew."""
     h = hashlib.blake2b(digest_size=16)
     for name in STEP_SOURCES:
         h.update(name.encode() + b"\0" + (PACKAGE / name).read_bytes() + b"\0")
@@ -166,7 +169,7 @@ class StepCache:
         """Remove ``name``'s files other than ``keep`` that no writer can still be publishing."""
         now = time.time()
         for other in folder.glob(f"{name}.*"):
-            if other != keep and other.suffix not in (".json", ".lock") and now - other.stat().st_mtime > self.STALE_S:
+            if other != keep and other.suffix != ".json" and now - other.stat().st_mtime > self.STALE_S:
                 other.unlink(missing_ok=True)
 
     @contextlib.contextmanager
